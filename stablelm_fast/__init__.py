@@ -1,0 +1,11 @@
+"""stablelm-fast: an inference engine for Stability AI's StableLM family (1.6B, 3B and 12B)."""
+
+import torch  # noqa: F401  (loads libtorch before the C++ extension)
+
+from stablelm_fast.async_llm import AsyncLLM
+from stablelm_fast.llm import LLM
+from stablelm_fast.outputs import CompletionOutput, RequestOutput
+from stablelm_fast.sampling_params import SamplingParams
+
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__version__ = "0.1.0"

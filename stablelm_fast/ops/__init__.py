@@ -17,6 +17,7 @@ Backends: "torch" (ops.torch_ops, the reference), "cpu" (ops.cpu_ops, the C++ ex
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 import torch
@@ -31,7 +32,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cuda":
             return "cuda" if extension_has_cuda() else "triton"
-        return "cpu" if extension_available() else "torch"
+        return "cpu" if extension_available() and importlib.util.find_spec("stablelm_fast.ops.cpu_ops") else "torch"
     if backend == "cpu" and not extension_available():
         raise ValueError("backend='cpu' needs the C++ extension stablelm_fast._C, which is not built")
     if backend == "cpu" and device.type != "cpu":

@@ -1,0 +1,114 @@
+"""Batched sampling on the device: penalties, temperature, top-k, top-p, min-p, greedy, seeded sampling, logprobs.
+
+Order (as vLLM): min_tokens masking and penalties on the raw logits, then temperature, then top-k / top-p / min-p
+filters, then sampling. Logprobs are the model's own log-softmax (before any processing), as vLLM returns them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stablelm_fast.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """One row of the batch: the parameters of the sequence and what penalties need."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None
+    banned_token_ids: list[int]  # masked while fewer than min_tokens are out (eos and stop ids)
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """In place. repetition (prompt + output tokens, HF/vLLM rule), presence and frequency (output tokens)."""
+    num_rows, vocab = logits.shape
+    device = logits.device
+    rep = torch.tensor([r.params.repetition_penalty for r in rows], device=device)
+    pres = torch.tensor([r.params.presence_penalty for r in rows], device=device)
+    freq = torch.tensor([r.params.frequency_penalty for r in rows], device=device)
+    counts = torch.zeros(num_rows, vocab, device=device)
+    seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        if r.output_token_ids:
+            out = torch.tensor(r.output_token_ids, device=device)
+            counts[i].index_add_(0, out, torch.ones(len(out), device=device))
+        if r.params.repetition_penalty != 1.0 and r.prompt_token_ids:
+            seen[i, torch.tensor(r.prompt_token_ids, device=device)] = True
+    seen |= counts > 0
+    penalized = torch.where(logits > 0, logits / rep[:, None], logits * rep[:, None])
+    logits.copy_(torch.where(seen, penalized, logits))
+    logits -= freq[:, None] * counts + pres[:, None] * (counts > 0).float()
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                            min_p: torch.Tensor) -> torch.Tensor:
+    """logits: [B, V] (already temperature-scaled); top_k: [B] int (vocab = off); top_p, min_p: [B]. -> filtered."""
+    vocab = logits.shape[1]
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    remove = ranks >= top_k[:, None]
+    probs = sorted_logits.softmax(dim=-1)
+    # NOTE: a token is kept while the mass of the tokens ranked above it is below top_p (the top one always stays).
+    remove |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    remove |= probs < (min_p[:, None] * probs[:, :1])
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[dict[int, float] | None]]:
+        """logits: [B, V] fp32 -> (sampled token per row, logprobs dict per row or None)."""
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in rows):
+            raw_logprobs = logits.log_softmax(dim=-1)
+        logits = logits.clone()
+        for i, r in enumerate(rows):
+            if r.banned_token_ids and len(r.output_token_ids) < r.params.min_tokens:
+                logits[i, r.banned_token_ids] = float("-inf")
+        if any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
+               for r in rows):
+            apply_penalties(logits, rows)
+        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
+        tokens = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            tokens = torch.where(greedy, tokens, self._sample(logits, rows))
+        token_list = tokens.tolist()
+        logprob_dicts: list[dict[int, float] | None] = [None] * len(rows)
+        if raw_logprobs is not None:
+            for i, r in enumerate(rows):
+                if r.params.logprobs is None:
+                    continue
+                entry = {token_list[i]: float(raw_logprobs[i, token_list[i]])}
+                if r.params.logprobs > 0:
+                    top = raw_logprobs[i].topk(r.params.logprobs)
+                    entry.update({int(t): float(v) for t, v in zip(top.indices, top.values)})
+                logprob_dicts[i] = entry
+        return token_list, logprob_dicts
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        num_rows, vocab = logits.shape
+        device = logits.device
+        temp = torch.tensor([r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows], device=device)
+        logits = logits / temp[:, None]
+        top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=device)
+        top_p = torch.tensor([r.params.top_p for r in rows], device=device)
+        min_p = torch.tensor([r.params.min_p for r in rows], device=device)
+        if bool((top_k < vocab).any() or (top_p < 1).any() or (min_p > 0).any()):
+            logits = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
+        probs = logits.softmax(dim=-1)
+        # NOTE: the exponential race argmax(p / E), E ~ Exp(1), samples from p without a multinomial sync, and lets
+        # each seeded row draw its noise from its own generator, whatever else is in the batch.
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_()
+        for i, r in enumerate(rows):
+            if r.generator is not None:
+                noise[i] = torch.empty(vocab).exponential_(generator=r.generator).to(device)
+        return (probs / noise).argmax(dim=-1)

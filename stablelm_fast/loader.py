@@ -1,0 +1,124 @@
+"""Weight loading: safetensors only (single file or sharded with an index), memory-mapped, packed at load.
+
+HF names are mapped onto the engine's parameters: q/k/v pack into `qkv_proj`, gate/up into `gate_up_proj`, and the
+per-head QK-norm weights (`q_layernorm.norms.{h}.weight`) stack into one [num_heads, head_dim] tensor.
+Tensor parallelism: `shard(name, tensor)` cuts each rank's slice out of the memory-mapped tensor (safetensors'
+`get_slice`), so no rank ever materializes a whole weight it does not own.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from stablelm_fast.config import ModelConfig
+
+# A loader callback: (engine param name, slice-getter) -> None. The getter reads a (possibly sliced) tensor.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def find_safetensors(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
+        if missing:
+            raise ValueError(f"{index} names shard {missing[0]!r}, which is not in {model_dir!r}")
+        return [os.path.join(model_dir, f) for f in files]
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if files:
+        return files
+    pickles = [p for p in os.listdir(model_dir) if p.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValueError(f"{model_dir!r} has only pickle weights ({pickles[0]}, ...): stablelm-fast loads safetensors "
+                         f"only and never unpickles. Convert the checkpoint to *.safetensors first.")
+    raise ValueError(f"no *.safetensors weights in {model_dir!r}")
+
+
+def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name a StableLM checkpoint must have, with its shape."""
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    nq, nkv = config.num_attention_heads, config.num_key_value_heads
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, h),
+        "model.norm.weight": (h,),
+        "model.norm.bias": (h,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "input_layernorm.bias": (h,),
+            p + "self_attn.q_proj.weight": (nq * d, h), p + "self_attn.k_proj.weight": (nkv * d, h),
+            p + "self_attn.v_proj.weight": (nkv * d, h), p + "self_attn.o_proj.weight": (h, nq * d),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+        })
+        if config.use_qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (nq * d,), p + "self_attn.k_proj.bias": (nkv * d,),
+                           p + "self_attn.v_proj.bias": (nkv * d,)})
+        if not config.use_parallel_residual:
+            shapes.update({p + "post_attention_layernorm.weight": (h,), p + "post_attention_layernorm.bias": (h,)})
+        if config.qk_layernorm:
+            shapes.update({f"{p}self_attn.q_layernorm.norms.{k}.weight": (d,) for k in range(nq)})
+            shapes.update({f"{p}self_attn.k_layernorm.norms.{k}.weight": (d,) for k in range(nkv)})
+    return shapes
+
+
+# Names HF checkpoints may carry that hold no weights of ours.
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+
+
+def load_checkpoint(
+    model_dir: str,
+    config: ModelConfig,
+    assign: Callable[[str, Callable[[], torch.Tensor], Callable[[int, int, int], torch.Tensor]], None],
+) -> None:
+    """Open every safetensors file memory-mapped, check names and shapes, and hand each tensor to `assign`.
+
+    assign(hf_name, read_all, read_slice) where read_slice(dim, start, stop) reads only that slice from disk.
+    """
+    expected = expected_hf_shapes(config)
+    seen: set[str] = set()
+    for path in find_safetensors(model_dir):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if _IGNORED.search(name):
+                    continue
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue
+                if name not in expected:
+                    raise ValueError(f"unexpected tensor {name!r} in {os.path.basename(path)} "
+                                     f"(not part of a StableLM checkpoint with this config.json)")
+                sl = f.get_slice(name)
+                shape = tuple(sl.get_shape())
+                if shape != expected[name]:
+                    raise ValueError(f"tensor {name!r} in {os.path.basename(path)} has shape {list(shape)}, "
+                                     f"expected {list(expected[name])} from config.json")
+                if name in seen:
+                    raise ValueError(f"tensor {name!r} appears twice (again in {os.path.basename(path)})")
+                seen.add(name)
+
+                def read_slice(dim: int, start: int, stop: int, sl=sl, ndim=len(shape)) -> torch.Tensor:
+                    index = tuple(slice(start, stop) if k == dim else slice(None) for k in range(ndim))
+                    return sl[index]
+
+                assign(name, lambda f=f, name=name: f.get_tensor(name), read_slice)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ValueError(f"checkpoint {model_dir!r} is missing tensor {missing[0]!r}"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+
+
+def split_layer_name(name: str) -> tuple[int, str] | None:
+    m = _LAYER.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
