@@ -8,3 +8,22 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover
     pass
+
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from checkpoints import VARIANTS, make_hf_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """One transformers-written checkpoint per family (1.6B-like, 3B-like with legacy config, 12B-like)."""
+    return {v: make_hf_checkpoint(str(tmp_path_factory.mktemp(v)), v, seed=i) for i, v in enumerate(VARIANTS)}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(hf_checkpoints) -> str:
+    return hf_checkpoints["stablelm-2-1_6b"]
