@@ -256,9 +256,11 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None, strip_token: bool = False) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
-        if strip_token and seq.detokenizer is not None:
-            # the eos / stop token itself is not part of the text (it is kept in token_ids, as vLLM does)
-            seq.text = self.tokenizer.decode(seq.output_token_ids[:-1], seq.params.skip_special_tokens)
+        if seq.detokenizer is not None and not isinstance(stop_reason, str):
+            # final text: flush a trailing partial character; the eos / stop token itself is not part of the text
+            # (it is kept in token_ids, as vLLM does). A stop string already cut the text.
+            ids = seq.output_token_ids[:-1] if strip_token else seq.output_token_ids
+            seq.text = self.tokenizer.decode(ids, seq.params.skip_special_tokens)
         self.scheduler.finish(seq)
 
     def _make_output(self, req: _Request) -> RequestOutput:
