@@ -7,6 +7,7 @@ CUDA tensors, fp16/bf16, the `flash_attn` package importable, a head size it sup
 and 160 all qualify) and a KV-cache page size that is a multiple of 256 (FA2's paged-KV requirement; with smaller
 pages, e.g. the default 16, our Triton kernels are used). The cache layout [num_blocks, block_size, Hkv, D] is
 exactly FA2's paged layout, and FA2's causal mask for q_len < k_len is bottom-right aligned, matching the reference.
+Needs flash-attn >= 2.6 (block_table in flash_attn_varlen_func; flash_attn_with_kvcache has had it since 2.5).
 NOT VERIFIED: the flash-attn path has never run (no GPU and no flash_attn here); on CPU it is never taken.
 Set STABLELM_FAST_DISABLE_FLASH_ATTN=1 to force the Triton kernels.
 """
