@@ -1,0 +1,129 @@
+"""The tensor-parallel worker: a rank > 0. It holds one shard of the model and its KV cache and mirrors the driver:
+
+    loop: receive a header from rank 0 (control group broadcast)
+          STEP  -> receive the payload, run runner.execute(step) (joining the model's collectives), repeat
+          ALLOC -> allocate the KV cache, report success in a status all-reduce, repeat
+          STOP  -> return
+
+The logits are only used on the driver; a worker's copy is dropped. Any exception ends the worker (after telling the
+driver why): the ranks would be out of step, and the driver's monitor turns the death into a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import torch
+
+from stablelm_fast.distributed.executor import (CMD_ALLOC, CMD_STEP, CMD_STOP, HEADER_LEN, Comm, decode_step,
+                                                format_exception, set_cpu_threads)
+from stablelm_fast.engine.model_runner import ModelRunner
+
+
+def worker_loop(runner: ModelRunner, comm: Comm) -> None:
+    header = torch.empty(HEADER_LEN, dtype=torch.int64)
+    while True:
+        comm.broadcast(header)
+        cmd = int(header[0])
+        if cmd == CMD_STOP:
+            return
+        if cmd == CMD_STEP:
+            payload = torch.empty(int(header[HEADER_LEN - 1]), dtype=torch.int64)
+            comm.broadcast(payload)
+            runner.execute(decode_step(header, payload))
+        elif cmd == CMD_ALLOC:
+            error = None
+            try:
+                runner.allocate_kv_cache(int(header[1]), int(header[2]))
+            except Exception as e:
+                error = e
+            comm.sum_flags(int(error is not None))
+            if error is not None:
+                raise error
+        else:
+            raise RuntimeError(f"unknown tensor-parallel command {cmd}")
+
+
+def _watch_driver(conn) -> None:
+    """Exit as soon as the driver's end of the pipe closes (driver shut down, crashed or was killed)."""
+    try:
+        while True:
+            conn.recv()
+    except (EOFError, OSError):
+        pass
+    os._exit(0)
+
+
+def spawned_worker_main(rank: int, size: int, host: str, port: int, from_driver, to_driver,
+                        runner_args: dict) -> None:
+    """Entry point of a worker started by TPExecutor (spawn mode)."""
+    import torch.distributed as dist
+
+    threading.Thread(target=_watch_driver, args=(from_driver,), name="stablelm-fast-driver-watch",
+                     daemon=True).start()
+    device = runner_args["device"]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    set_cpu_threads(device, size)
+    comm = Comm(rank, size, device)
+    try:
+        runner = ModelRunner(tp=comm.tp_info(), **runner_args)
+    except BaseException as e:
+        _report(to_driver, f"failed to load the model:\n{format_exception(e)}")
+        os._exit(1)
+    to_driver.send(("loaded",))
+    try:
+        store = dist.TCPStore(host, port, size, False)
+        comm.connect_store(store)
+        worker_loop(runner, comm)
+    except BaseException as e:
+        _report(to_driver, format_exception(e))
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # NOTE: skip interpreter teardown: the peers' sockets may already be gone
+
+
+def _report(conn, text: str) -> None:
+    try:
+        conn.send(("error", text))
+    except (OSError, ValueError):
+        pass
+    print(f"stablelm-fast tensor-parallel worker: {text}", file=sys.stderr, flush=True)
+
+
+def run_attached(model_dir: str, dtype: str = "auto", device: str = "auto", load_format: str = "auto",
+                 backend: str = "auto", seed: int = 0) -> None:
+    """A rank > 0 under torchrun (torch.distributed already initialized): load the shard, serve the driver."""
+    import torch.distributed as dist
+
+    from stablelm_fast.config import ModelConfig, resolve_dtype
+    from stablelm_fast.ops import resolve_backend
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    config = ModelConfig.from_pretrained(model_dir)
+    # NOTE: resolved exactly as LLMEngine does on rank 0, so every rank builds the same model
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                       else ("cpu" if device == "auto" else device))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    torch_dtype = resolve_dtype(dtype, config, dev)
+    backend = resolve_backend(backend, dev)
+    comm = Comm(rank, size, dev)
+    comm.connect_world()
+    set_cpu_threads(dev, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    error = None
+    try:
+        runner = ModelRunner(config, None if load_format == "dummy" else model_dir, load_format, torch_dtype, dev,
+                             backend, tp=comm.tp_info(), seed=seed)
+    except Exception as e:
+        error = e
+    failed = comm.sum_flags(int(error is not None))
+    if error is not None:
+        raise error
+    if failed:
+        raise SystemExit(f"rank {rank}: {failed} rank(s) failed to load the model")
+    worker_loop(runner, comm)
