@@ -19,7 +19,7 @@ import secrets
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from stablelm_fast.outputs import RequestOutput
@@ -123,13 +123,11 @@ async def _wait_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
             return
 
 
-class _SSEResponse(Response):
+class _SSEResponse(StreamingResponse):
     """text/event-stream from an async iterator of str events; a client disconnect closes the iterator at once."""
 
-    media_type = "text/event-stream"
-
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(content=None, status_code=200, media_type=self.media_type,
+        super().__init__(content=events, status_code=200, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.events, self.on_close = events, on_close
 
