@@ -17,3 +17,23 @@ void add_layernorm(torch::Tensor& out, torch::Tensor& residual_out, const torch:
 
 // csrc/cpu/activation.cpp
 void silu_and_mul(torch::Tensor& out, const torch::Tensor& gate_up);
+
+// csrc/cpu/pos_encoding.cpp
+void qk_norm_rope_cache(torch::Tensor& q_out, const torch::Tensor& qkv, const torch::Tensor& positions,
+                        const torch::Tensor& cos_sin, const std::optional<torch::Tensor>& q_norm_weight,
+                        const std::optional<torch::Tensor>& k_norm_weight, double eps, torch::Tensor& k_cache,
+                        torch::Tensor& v_cache, const torch::Tensor& slot_mapping, int64_t num_q_heads,
+                        int64_t num_kv_heads, int64_t head_dim);
+
+// csrc/cpu/attention.cpp
+void paged_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
+                     const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                     const torch::Tensor& cu_seqlens_q, const torch::Tensor& context_lens, double scale);
+void paged_attention_decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
+                            const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                            const torch::Tensor& context_lens, double scale);
+
+// csrc/cpu/gemv.cpp
+void linear(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight,
+            const std::optional<torch::Tensor>& bias);
+void gate_up_silu(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& gate_up_weight);

@@ -19,6 +19,33 @@ TORCH_LIBRARY(stablelm_fast, ops) {
   // out: [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:].
   ops.def("silu_and_mul(Tensor! out, Tensor gate_up) -> ()");
   ops.impl("silu_and_mul", torch::kCPU, &silu_and_mul);
+  // Per-head QK LayerNorm (optional) + partial NeoX rotary on q/k of the packed qkv [T, (Hq + 2 Hkv) * D];
+  // q -> q_out [T, Hq, D], k / v -> the paged cache at slot_mapping (-1 = skip).
+  ops.def(
+      "qk_norm_rope_cache(Tensor! q_out, Tensor qkv, Tensor positions, Tensor cos_sin, Tensor? q_norm_weight, "
+      "Tensor? k_norm_weight, float eps, Tensor! k_cache, Tensor! v_cache, Tensor slot_mapping, int num_q_heads, "
+      "int num_kv_heads, int head_dim) -> ()");
+  ops.impl("qk_norm_rope_cache", torch::kCPU, &qk_norm_rope_cache);
+
+  // Causal varlen attention over the paged cache (prefill / extend / decode); out, q: [T, Hq, D].
+  ops.def(
+      "paged_attention(Tensor! out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor cu_seqlens_q, Tensor context_lens, float scale) -> ()");
+  ops.impl("paged_attention", torch::kCPU, &paged_attention);
+
+  // Decode attention: one query token per sequence; out, q: [B, Hq, D].
+  ops.def(
+      "paged_attention_decode(Tensor! out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale) -> ()");
+  ops.impl("paged_attention_decode", torch::kCPU, &paged_attention_decode);
+
+  // out[M, N] = x[M, K] @ weight[N, K]^T (+ bias): the weight-streaming small-M GEMM for decode.
+  ops.def("linear(Tensor! out, Tensor x, Tensor weight, Tensor? bias) -> ()");
+  ops.impl("linear", torch::kCPU, &linear);
+
+  // out[M, I] = silu(x @ Wg^T) * (x @ Wu^T), gate_up_weight = [Wg; Wu]: [2I, K], streamed once.
+  ops.def("gate_up_silu(Tensor! out, Tensor x, Tensor gate_up_weight) -> ()");
+  ops.impl("gate_up_silu", torch::kCPU, &gate_up_silu);
 }
 
 // An (empty) Python module so that `import stablelm_fast._C` loads the library and runs the registrations above.
