@@ -61,6 +61,7 @@ def spawned_worker_main(rank: int, size: int, host: str, port: int, from_driver,
     """Entry point of a worker started by TPExecutor (spawn mode)."""
     import torch.distributed as dist
 
+    driver_pid = os.getppid()
     threading.Thread(target=_watch_driver, args=(from_driver,), name="stablelm-fast-driver-watch",
                      daemon=True).start()
     device = runner_args["device"]
@@ -79,6 +80,8 @@ def spawned_worker_main(rank: int, size: int, host: str, port: int, from_driver,
         comm.connect_store(store)
         worker_loop(runner, comm)
     except BaseException as e:
+        if os.getppid() != driver_pid:  # the driver is gone (its sockets closed first): nobody to tell
+            os._exit(0)
         _report(to_driver, format_exception(e))
         os._exit(1)
     sys.stdout.flush()
