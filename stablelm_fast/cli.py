@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from stablelm_fast.llm import LLM
+    params = _sampling_params(args, n=args.n)  # bad values fail before the model is loaded
     llm = LLM(args.model, **_engine_kwargs(args))
     try:
-        outs = llm.generate(args.prompt, _sampling_params(args, n=args.n))
+        outs = llm.generate(args.prompt, params)
         for out in outs:
             for c in out.outputs:
                 header = f"--- prompt {out.prompt!r}" + (f" [{c.index}]" if args.n > 1 else "")
@@ -136,9 +137,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from stablelm_fast.llm import LLM
+    params = _sampling_params(args)
     llm = LLM(args.model, **_engine_kwargs(args))
     engine, tok = llm.engine, llm.tokenizer
-    params = _sampling_params(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     print("stablelm-fast chat: type 'exit' or Ctrl-D to quit, '/reset' to clear the history.", file=sys.stderr)
