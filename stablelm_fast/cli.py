@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any
 
@@ -218,6 +219,18 @@ def _find_bench_script(kind: str) -> str | None:
     return None
 
 
+def _model_argv(path: str, model: str) -> list[str]:
+    """How the script takes the model: a positional MODEL (default), or its --model-dir / --model option."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    if re.search(r"add_argument\(\s*[\"']model[\"']", source):
+        return [model]
+    for flag in ("--model-dir", "--model"):
+        if re.search(rf"[\"']{flag}[\"']", source):
+            return [flag, model]
+    return [model]
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
     path = _find_bench_script(args.kind)
@@ -227,7 +240,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     rest = [a for a in args.rest if a != "--"]
     saved = sys.argv
-    sys.argv = [path, args.model, *rest]
+    sys.argv = [path, *_model_argv(path, args.model), *rest]
     try:
         runpy.run_path(path, run_name="__main__")
     except SystemExit as e:

@@ -64,3 +64,14 @@ def test_chat_reads_until_exit(tmp_path):
              input="Hi there\n/reset\nHow are you?\nexit\nnever read\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()  # the streamed replies (random words: the weights are random)
+
+
+def test_bench_model_argument_style(tmp_path):
+    from stablelm_fast.cli import _model_argv
+    cases = {'p.add_argument("model", nargs="?")': ["M"],
+             "p.add_argument('--model-dir', default=X)": ["--model-dir", "M"],
+             'ap.add_argument("--model")': ["--model", "M"], "print('no args')": ["M"]}
+    for source, expected in cases.items():
+        script = tmp_path / "b.py"
+        script.write_text(source)
+        assert _model_argv(str(script), "M") == expected
