@@ -95,6 +95,8 @@ class LLMEngine:
             self.executor.kv_bytes_per_block(args.block_size), args.block_size, self.max_model_len,
             args.max_num_seqs, self.device, args.kv_cache_memory_gb)
         self.executor.allocate_kv_cache(num_blocks, args.block_size)
+        if self.device.type == "cuda" and isinstance(self.executor, ModelRunner):
+            self.executor.enable_cuda_graphs(args.max_num_seqs, -(-self.max_model_len // args.block_size))
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         max_batched = args.max_num_batched_tokens or max(self.max_model_len, 2048)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched)

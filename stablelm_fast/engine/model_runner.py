@@ -106,6 +106,7 @@ class ModelRunner:
         self.model.eval()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
+        self.graph_decoder = None
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         shard = self.model.head_shard
@@ -120,6 +121,16 @@ class ModelRunner:
         self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(self.config.num_hidden_layers)]
         self.num_blocks = num_blocks
 
+    def enable_cuda_graphs(self, max_batch: int, max_blocks_per_seq: int) -> None:
+        """Capture decode CUDA graphs (CUDA only; STABLELM_FAST_CUDA_GRAPHS=0 turns them off)."""
+        if self.device.type != "cuda" or os.environ.get("STABLELM_FAST_CUDA_GRAPHS", "1") == "0":
+            return
+        from stablelm_fast.engine.cuda_graph import CudaGraphDecoder
+
+        self.graph_decoder = CudaGraphDecoder(self.model, self.kv_caches, max_batch, max_blocks_per_seq,
+                                              self.config.hidden_size, self.device)
+        self.graph_decoder.capture()
+
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor | None:
         """Run one step; -> logits [S, vocab] fp32 for step.logits_indices (None if nothing to sample)."""
@@ -132,7 +143,11 @@ class ModelRunner:
             is_decode=step.is_decode,
             max_q_len=step.max_q_len,
         )
-        hidden = self.model(step.input_ids.to(dev), step.positions.to(dev), meta, self.kv_caches)
+        graphs = self.graph_decoder
+        if graphs is not None and step.is_decode and graphs.can_run(step.input_ids.numel()):
+            hidden = graphs.run(step.input_ids.to(dev), step.positions.to(dev), meta)
+        else:
+            hidden = self.model(step.input_ids.to(dev), step.positions.to(dev), meta, self.kv_caches)
         if step.logits_indices.numel() == 0:
             # NOTE: under tensor parallelism every rank must still join the lm_head gather: run it on nothing.
             return self.model.compute_logits(hidden[:0]) if self.tp.size > 1 else None
