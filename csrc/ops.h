@@ -37,3 +37,22 @@ void paged_attention_decode(torch::Tensor& out, const torch::Tensor& q, const to
 void linear(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight,
             const std::optional<torch::Tensor>& bias);
 void gate_up_silu(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& gate_up_weight);
+
+// ---- CUDA (csrc/cuda/torch_wrappers.cu; only in builds with SLF_WITH_CUDA) ----
+#ifdef SLF_WITH_CUDA
+void layernorm_cuda(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight,
+                    const std::optional<torch::Tensor>& bias, double eps);
+void add_layernorm_cuda(torch::Tensor& out, torch::Tensor& residual_out, const torch::Tensor& x,
+                        const torch::Tensor& residual, const torch::Tensor& weight,
+                        const std::optional<torch::Tensor>& bias, double eps);
+void silu_and_mul_cuda(torch::Tensor& out, const torch::Tensor& gate_up);
+void qk_norm_rope_cache_cuda(torch::Tensor& q_out, const torch::Tensor& qkv, const torch::Tensor& positions,
+                             const torch::Tensor& cos_sin, const std::optional<torch::Tensor>& q_norm_weight,
+                             const std::optional<torch::Tensor>& k_norm_weight, double eps, torch::Tensor& k_cache,
+                             torch::Tensor& v_cache, const torch::Tensor& slot_mapping, int64_t num_q_heads,
+                             int64_t num_kv_heads, int64_t head_dim);
+void paged_attention_decode_cuda(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
+                                 const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                                 const torch::Tensor& context_lens, double scale);
+bool cuda_available();
+#endif

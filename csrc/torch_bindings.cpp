@@ -46,6 +46,16 @@ TORCH_LIBRARY(stablelm_fast, ops) {
   // out[M, I] = silu(x @ Wg^T) * (x @ Wu^T), gate_up_weight = [Wg; Wu]: [2I, K], streamed once.
   ops.def("gate_up_silu(Tensor! out, Tensor x, Tensor gate_up_weight) -> ()");
   ops.impl("gate_up_silu", torch::kCPU, &gate_up_silu);
+#ifdef SLF_WITH_CUDA
+  // CUDA kernels (csrc/cuda/); ops without a CUDA kernel fall back to the reference in ops/cuda_ops.py.
+  ops.impl("layernorm", torch::kCUDA, &layernorm_cuda);
+  ops.impl("add_layernorm", torch::kCUDA, &add_layernorm_cuda);
+  ops.impl("silu_and_mul", torch::kCUDA, &silu_and_mul_cuda);
+  ops.impl("qk_norm_rope_cache", torch::kCUDA, &qk_norm_rope_cache_cuda);
+  ops.impl("paged_attention_decode", torch::kCUDA, &paged_attention_decode_cuda);
+  // Present only in CUDA builds: stablelm_fast.ops.extension_has_cuda() looks for it.
+  ops.def("cuda_available() -> bool", &cuda_available);
+#endif
 }
 
 // An (empty) Python module so that `import stablelm_fast._C` loads the library and runs the registrations above.

@@ -1,0 +1,129 @@
+"""The `cpu` backend: the C++ extension's CPU kernels (csrc/cpu/), same signatures as ops/reference.py.
+
+Outputs are allocated here and passed to the ops as out-parameters. `linear` and `gate_up_silu` use the
+weight-streaming GEMV kernel for small M (decode) and torch's GEMM above a measured threshold (see
+bench/kernels/bench_gemv.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import stablelm_fast._C  # noqa: F401  (registers torch.ops.stablelm_fast)
+
+_ops = torch.ops.stablelm_fast
+
+# Largest M (rows of x) for which the C++ GEMV beats torch's F.linear on this class of machine (AVX2, no
+# AVX-512-BF16): measured with bench/kernels/bench_gemv.py on the 1.6B shapes. torch's bf16 GEMM has no fast path
+# without AVX-512-BF16/AMX, so ours wins at every measured M; its fp32 path (MKL/oneDNN sgemm) takes over earlier.
+GEMV_MAX_M = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}
+
+
+def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.dtype == weight.dtype
+        and x.dtype in GEMV_MAX_M
+        and x.shape[0] <= GEMV_MAX_M[x.dtype]
+        and weight.dim() == 2
+        and weight.stride(1) == 1
+        and not x.requires_grad
+        and not weight.requires_grad
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] (or [..., K]); weight: [N, K]; bias: [N] -> [M, N]."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not _use_gemv(x2, weight):
+        return F.linear(x, weight, bias)
+    out = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    _ops.linear(out, x2, weight, bias)
+    return out.view(*lead, weight.shape[0])
+
+
+def gate_up_silu(x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
+    """x: [M, H]; gate_up_weight: [2I, H] -> silu(x Wg^T) * (x Wu^T): [M, I]."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not _use_gemv(x2, gate_up_weight):
+        return silu_and_mul(F.linear(x2, gate_up_weight)).view(*lead, -1)
+    out = torch.empty(x2.shape[0], gate_up_weight.shape[0] // 2, dtype=x.dtype, device=x.device)
+    _ops.gate_up_silu(out, x2, gate_up_weight)
+    return out.view(*lead, -1)
+
+
+def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    _ops.layernorm(out, x2, weight, bias, eps)
+    return out.view(x.shape)
+
+
+def add_layernorm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if residual is None:
+        return layernorm(x, weight, bias, eps), x
+    x2, r2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    new_residual = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    _ops.add_layernorm(out, new_residual, x2, r2, weight, bias, eps)
+    return out.view(x.shape), new_residual.view(x.shape)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    g2 = gate_up.reshape(-1, gate_up.shape[-1])
+    out = torch.empty(g2.shape[0], g2.shape[1] // 2, dtype=gate_up.dtype, device=gate_up.device)
+    _ops.silu_and_mul(out, g2)
+    return out.view(*gate_up.shape[:-1], -1)
+
+
+def qk_norm_rope_cache(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> torch.Tensor:
+    q = torch.empty(qkv.shape[0], num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    _ops.qk_norm_rope_cache(
+        q, qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache, slot_mapping,
+        num_q_heads, num_kv_heads, head_dim,
+    )
+    return q
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    out = torch.empty_like(q)
+    _ops.paged_attention(out, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+    return out
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    out = torch.empty_like(q)
+    _ops.paged_attention_decode(out, q, k_cache, v_cache, block_tables, context_lens, scale)
+    return out
