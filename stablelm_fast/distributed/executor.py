@@ -438,7 +438,7 @@ class TPExecutor:
         self._mark_dead(f"rank 0 failed: {exc!r}")
         self._kill_workers()
 
-    # ---- shutdown -----------------------------------------------------------------------------------------------------
+    # ---- shutdown ------------------------------------------------------------------------------------------------
 
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._procs]
