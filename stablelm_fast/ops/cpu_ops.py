@@ -14,6 +14,26 @@ import stablelm_fast._C  # noqa: F401  (registers torch.ops.stablelm_fast)
 
 _ops = torch.ops.stablelm_fast
 
+
+def _register_fake_impls() -> None:
+    """Fake (meta) kernels so that torch.compile / FakeTensor tracing and torch.library.opcheck see the ops.
+
+    Every op writes only its out-parameters (marked Tensor! in the schema) and returns nothing.
+    """
+
+    def _none(*args, **kwargs):
+        return None
+
+    for name in ("layernorm", "add_layernorm", "silu_and_mul", "qk_norm_rope_cache", "paged_attention",
+                 "paged_attention_decode", "linear", "gate_up_silu"):
+        try:
+            torch.library.register_fake(f"stablelm_fast::{name}")(_none)
+        except RuntimeError:  # already registered (module re-imported)
+            pass
+
+
+_register_fake_impls()
+
 # Largest M (rows of x) for which the C++ GEMV beats torch's F.linear on this class of machine (AVX2, no
 # AVX-512-BF16): measured with bench/kernels/bench_gemv.py on the 1.6B shapes. torch's bf16 GEMM has no fast path
 # without AVX-512-BF16/AMX, so ours wins at every measured M; its fp32 path (MKL/oneDNN sgemm) takes over earlier.

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import stablelm_fast._C  # noqa: F401  (registers torch.ops.stablelm_fast)
+import stablelm_fast.ops.cpu_ops  # noqa: F401  (registers the ops' fake impls)
 from stablelm_fast.ops import reference as _ref
 
 _ops = torch.ops.stablelm_fast

@@ -1,0 +1,46 @@
+"""Shared helpers of the kernel benchmarks: timing, memory-bandwidth measurement, table printing."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+
+def timeit(fn, min_time: float = 0.3, max_iters: int = 200) -> float:
+    """Median seconds per call of fn() (after a warm-up call)."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_iters and (time.perf_counter() - start < min_time or len(times) < 3):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def memory_bandwidth_gbs(mb: int = 512) -> float:
+    """Read bandwidth in GB/s with torch's thread pool: sum of a large fp32 tensor (best of a few runs)."""
+    a = torch.ones(mb * 1024 * 1024 // 4)
+    best = min(timeit(lambda: a.sum(), min_time=0.5, max_iters=8) for _ in range(2))
+    return a.numel() * 4 / best / 1e9
+
+
+def header(title: str) -> float:
+    bw = memory_bandwidth_gbs()
+    print(f"== {title}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"measured read bandwidth {bw:.1f} GB/s")
+    return bw
+
+
+def row(name: str, t_ref: float, t_ours: float, nbytes: int | None = None, bw: float | None = None) -> None:
+    line = f"{name:<44} ref {t_ref * 1e3:9.3f} ms   C++ {t_ours * 1e3:8.3f} ms   speedup {t_ref / t_ours:6.2f}x"
+    if nbytes is not None and bw:
+        gbs = nbytes / t_ours / 1e9
+        line += f"   {gbs:6.1f} GB/s ({100 * gbs / bw:4.0f}% of {bw:.1f})"
+    print(line, flush=True)
