@@ -1,9 +1,9 @@
 """Tensor parallelism over several processes or hosts, started by torchrun.
 
     # host 0 (also the master) and host 1, two ranks each: tensor_parallel_size = 2 x 2 = 4
-    torchrun --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 --nproc-per-node 2 \\
+    torchrun --nnodes 2 --node-rank 0 --master-addr HOST0_ADDR --master-port 29500 --nproc-per-node 2 \\
         -m stablelm_fast.distributed.launch /models/stablelm-2-12b --dtype bfloat16 --prompt "Hello"
-    torchrun --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29500 --nproc-per-node 2 \\
+    torchrun --nnodes 2 --node-rank 1 --master-addr HOST0_ADDR --master-port 29500 --nproc-per-node 2 \\
         -m stablelm_fast.distributed.launch /models/stablelm-2-12b --dtype bfloat16
 
 Every rank parses the same flags (pass the same model flags everywhere) and joins the world torchrun describes
