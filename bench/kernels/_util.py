@@ -10,6 +10,11 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
+# NOTE: SLF_BENCH_THREADS=1 gives stable numbers on a busy machine: with every core in use, a 2-thread parallel
+# region waits for a descheduled thread and times quantize to scheduler slices.
+if os.environ.get("SLF_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["SLF_BENCH_THREADS"]))
+
 
 def timeit(fn, min_time: float = 0.3, max_iters: int = 200) -> float:
     """Median seconds per call of fn() (after a warm-up call)."""

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cpu/cpu_types.h"
+#include "cpu/vec_math.h"
 #include "ops.h"
 
 namespace slf::cpu {
@@ -33,6 +34,45 @@ SLF_AVX2 float dot_avx2(const float* q, const scalar_t* k, int64_t d) {
   float s = hsum8(_mm256_add_ps(a0, a1));
   for (; i < d; ++i) s += q[i] * to_float(k[i]);
   return s;
+}
+
+// s[j] = dot(q, k[j]) for 4 keys at once: one pass over q and a single combined horizontal reduction.
+template <typename scalar_t>
+SLF_AVX2 void dot4_avx2(const float* q, const scalar_t* const* k, int64_t d, float* s) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    a0 = _mm256_fmadd_ps(qv, load8(k[0] + i), a0);
+    a1 = _mm256_fmadd_ps(qv, load8(k[1] + i), a1);
+    a2 = _mm256_fmadd_ps(qv, load8(k[2] + i), a2);
+    a3 = _mm256_fmadd_ps(qv, load8(k[3] + i), a3);
+  }
+  // hadd tree: lanes of (a0, a1, a2, a3) -> 4 sums.
+  const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
+  const __m256 h = _mm256_hadd_ps(h01, h23);
+  const __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  _mm_storeu_ps(s, r);
+  for (; i < d; ++i)
+    for (int j = 0; j < 4; ++j) s[j] += q[i] * to_float(k[j][i]);
+}
+
+// s[j] = exp(s[j] - m) for j < n; returns their sum.
+SLF_AVX2 float exp_sum_avx2(float* s, int64_t n, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+    _mm256_storeu_ps(s + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum8(acc);
+  for (; j < n; ++j) {
+    s[j] = expf(s[j] - m);
+    sum += s[j];
+  }
+  return sum;
 }
 
 template <typename scalar_t>
@@ -94,7 +134,7 @@ void attention_item(const WorkItem& it, scalar_t* out, const scalar_t* q, const 
     st[r] = softmax_init();
     limit[r] = ctx - q_len + (t - q_start);
   }
-  const int64_t max_key = limit[rows - 1];
+  const int64_t max_key = ctx - q_len + (it.t1 - 1 - q_start);  // limit of the chunk's last row
   const scalar_t* kp[kKeyTile];
   const scalar_t* vp[kKeyTile];
   for (int64_t j0 = 0; j0 <= max_key; j0 += kKeyTile) {
@@ -111,14 +151,25 @@ void attention_item(const WorkItem& it, scalar_t* out, const scalar_t* q, const 
       const float* qr = qbuf.data() + r * head_dim;
       float* s = scores.data();
       float bmax = -INFINITY;
-      for (int64_t j = 0; j < jn; ++j) {
-        s[j] = (kAvx2 ? dot_avx2(qr, kp[j], head_dim) : dot_scalar(qr, kp[j], head_dim)) * scale;
+      int64_t j = 0;
+      if constexpr (kAvx2) {
+        for (; j + 4 <= jn; j += 4) dot4_avx2(qr, kp + j, head_dim, s + j);
+        for (; j < jn; ++j) s[j] = dot_avx2(qr, kp[j], head_dim);
+      } else {
+        for (; j < jn; ++j) s[j] = dot_scalar(qr, kp[j], head_dim);
+      }
+      for (j = 0; j < jn; ++j) {
+        s[j] *= scale;
         bmax = std::max(bmax, s[j]);
       }
       const float alpha = softmax_rescale(&st[r], bmax);
-      for (int64_t j = 0; j < jn; ++j) {
-        s[j] = expf(s[j] - st[r].m);
-        st[r].l += s[j];
+      if constexpr (kAvx2) {
+        st[r].l += exp_sum_avx2(s, jn, st[r].m);
+      } else {
+        for (j = 0; j < jn; ++j) {
+          s[j] = expf(s[j] - st[r].m);
+          st[r].l += s[j];
+        }
       }
       float* ar = acc.data() + r * head_dim;
       if (kAvx2)
