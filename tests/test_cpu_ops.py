@@ -232,3 +232,19 @@ def _opcheck_cases():
 @pytest.mark.parametrize("name", list(_opcheck_cases()) if extension_available() else [])
 def test_opcheck(name):
     torch.library.opcheck(getattr(ops, name).default, _opcheck_cases()[name])
+
+
+# ---------------------------------------------------------------- portable scalar paths
+
+
+def test_scalar_fallback_paths():
+    """Re-runs the kernel tests in a subprocess with the AVX2 paths disabled (STABLELM_FAST_NO_AVX2=1)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, STABLELM_FAST_NO_AVX2="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+           "-k", "not scalar_fallback and not opcheck and not float16"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

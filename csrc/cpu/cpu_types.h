@@ -6,6 +6,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
+
+#include <cstdlib>
 #include <torch/all.h>
 
 #include "common/math_utils.h"
@@ -25,9 +27,10 @@
 
 namespace slf::cpu {
 
+// NOTE: STABLELM_FAST_NO_AVX2=1 forces the portable scalar paths (tests use it to cover them on AVX2 machines).
 inline bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("f16c") && std::getenv("STABLELM_FAST_NO_AVX2") == nullptr;
   return has;
 }
 
