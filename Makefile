@@ -20,7 +20,7 @@ $(STAMP): $(VPY) pyproject.toml requirements-dev.txt
 	$(VPY) -m pip install -q -r requirements-dev.txt
 	touch $(STAMP)
 
-$(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
+$(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/common/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 	MAX_JOBS=2 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(EXT_STAMP)
 
