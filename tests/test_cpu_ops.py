@@ -112,6 +112,21 @@ def test_gate_up_silu(dtype, m, k, inter):
     _rel_close(cpu_ops.gate_up_silu(x, w), expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_half_linear_above_threshold_converts_slices_to_fp32(dtype, with_bias, monkeypatch):
+    monkeypatch.setattr(cpu_ops, "CONVERT_ROWS", 48)  # several slices, the last one partial
+    m = cpu_ops.GEMV_MAX_M[dtype] + 3
+    x, w = torch.randn(m, 96).to(dtype), (torch.randn(101, 96) / 10).to(dtype)
+    b = torch.randn(101).to(dtype) if with_bias else None
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float())
+    got = cpu_ops.linear(x, w, b)
+    assert got.dtype == dtype and got.shape == (m, 101)
+    _rel_close(got, expected, dtype)
+    w2 = (torch.randn(2 * 50, 96) / 10).to(dtype)
+    _rel_close(cpu_ops.gate_up_silu(x, w2), ref.gate_up_silu(x.float(), w2.float()), dtype)
+
+
 def test_linear_above_threshold_uses_torch():
     m = max(cpu_ops.GEMV_MAX_M.values()) + 1
     x, w = torch.randn(m, 64), torch.randn(32, 64)
