@@ -1,7 +1,9 @@
 """The `cuda` backend: the C++ extension's CUDA kernels (csrc/cuda/), same signatures as ops/reference.py.
 
-Ops with a CUDA kernel: layernorm, add_layernorm, silu_and_mul, qk_norm_rope_cache, paged_attention_decode.
-The rest fall back to the torch reference (linear -> cuBLAS through F.linear; varlen paged_attention -> reference).
+Ops with a CUDA kernel: layernorm, add_layernorm, silu_and_mul, qk_norm_rope_cache, paged_attention_decode. The
+torch.ops are registered for CPU and CUDA alike, so the Python wrappers (output allocation) are cpu_ops' own; this
+module only decides, per call, between the kernel and a fallback: cuBLAS (F.linear) for GEMMs, the Triton varlen
+kernel for prefill/extend attention (the torch reference if Triton is missing), the reference for unsupported dtypes.
 """
 
 from __future__ import annotations
@@ -9,80 +11,57 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import stablelm_fast._C  # noqa: F401  (registers torch.ops.stablelm_fast)
-import stablelm_fast.ops.cpu_ops  # noqa: F401  (registers the ops' fake impls)
+from stablelm_fast.ops import cpu_ops as _wrappers
 from stablelm_fast.ops import reference as _ref
 
-_ops = torch.ops.stablelm_fast
-
-paged_attention = _ref.paged_attention  # no varlen CUDA kernel yet
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
+try:  # NOTE: no varlen CUDA kernel in csrc/ yet; the Triton one is the fast path on GPUs.
+    from stablelm_fast.kernels.paged_attention_prefill import paged_attention as _triton_paged_attention
+except ImportError:  # pragma: no cover  (triton is installed wherever CUDA is)
+    _triton_paged_attention = None
 
 
 def _kernel_ok(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
-def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    if not _kernel_ok(x):
-        return _ref.layernorm(x, weight, bias, eps)
-    x2 = x.reshape(-1, x.shape[-1])
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    _ops.layernorm(out, x2, weight, bias, eps)
-    return out.view(x.shape)
-
-
-def add_layernorm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if residual is None:
-        return layernorm(x, weight, bias, eps), x
-    if not _kernel_ok(x):
-        return _ref.add_layernorm(x, residual, weight, bias, eps)
-    x2, r2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    new_residual = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    _ops.add_layernorm(out, new_residual, x2, r2, weight, bias, eps)
-    return out.view(x.shape), new_residual.view(x.shape)
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if not _kernel_ok(gate_up):
-        return _ref.silu_and_mul(gate_up)
-    g2 = gate_up.reshape(-1, gate_up.shape[-1])
-    out = torch.empty(g2.shape[0], g2.shape[1] // 2, dtype=gate_up.dtype, device=gate_up.device)
-    _ops.silu_and_mul(out, g2)
-    return out.view(*gate_up.shape[:-1], -1)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
 
 
 def gate_up_silu(x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
     return silu_and_mul(F.linear(x, gate_up_weight))
 
 
-def qk_norm_rope_cache(
-    qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache, slot_mapping,
-    num_q_heads, num_kv_heads, head_dim,
-):
-    if not _kernel_ok(qkv) or k_cache.dtype != qkv.dtype or head_dim > 256:
-        return _ref.qk_norm_rope_cache(
-            qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache, slot_mapping,
-            num_q_heads, num_kv_heads, head_dim,
-        )
-    q = torch.empty(qkv.shape[0], num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    _ops.qk_norm_rope_cache(
-        q, qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache, slot_mapping,
-        num_q_heads, num_kv_heads, head_dim,
-    )
-    return q
+def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    impl = _wrappers.layernorm if _kernel_ok(x) else _ref.layernorm
+    return impl(x, weight, bias, eps)
+
+
+def add_layernorm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _wrappers.add_layernorm if _kernel_ok(x) else _ref.add_layernorm
+    return impl(x, residual, weight, bias, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return (_wrappers.silu_and_mul if _kernel_ok(gate_up) else _ref.silu_and_mul)(gate_up)
+
+
+def qk_norm_rope_cache(qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache, slot_mapping,
+                       num_q_heads, num_kv_heads, head_dim):
+    ok = _kernel_ok(qkv) and k_cache.dtype == qkv.dtype and head_dim <= 256
+    impl = _wrappers.qk_norm_rope_cache if ok else _ref.qk_norm_rope_cache
+    return impl(qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache, slot_mapping,
+                num_q_heads, num_kv_heads, head_dim)
 
 
 def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
-    if not _kernel_ok(q) or k_cache.dtype != q.dtype or q.shape[-1] > 256:
-        return _ref.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    _ops.paged_attention_decode(out, q, k_cache, v_cache, block_tables, context_lens, scale)
-    return out
+    ok = _kernel_ok(q) and k_cache.dtype == q.dtype and q.shape[-1] <= 256
+    impl = _wrappers.paged_attention_decode if ok else _ref.paged_attention_decode
+    return impl(q.contiguous() if ok else q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
+    impl = _triton_paged_attention if (_triton_paged_attention is not None and q.is_cuda) else _ref.paged_attention
+    return impl(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
