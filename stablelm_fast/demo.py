@@ -11,9 +11,9 @@ from stablelm_fast.tiny import make_tiny_checkpoint
 
 
 def main() -> None:
-    model_dir = os.path.join(tempfile.gettempdir(), "stablelm-fast-demo")
+    model_dir = os.path.join(tempfile.gettempdir(), "stablelm-fast-demo-v2")
     if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        make_tiny_checkpoint(model_dir, "stablelm-2-1_6b", seed=0)
+        make_tiny_checkpoint(model_dir, "stablelm-2-1_6b", seed=0, readable=True)
     llm = LLM(model_dir, dtype="float32")
     prompts = ["The quick brown fox", "Hello, world! How are", "A paged KV cache stores"]
     start = time.perf_counter()

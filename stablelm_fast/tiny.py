@@ -107,13 +107,36 @@ def write_random_weights(out_dir: str, config: dict, seed: int = 0, dtype: torch
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
 
+def keep_readable_tokens(out_dir: str) -> None:
+    """Zero the lm_head rows of tokens that do not decode to plain readable text (partial UTF-8 bytes, control
+    characters, special tokens) and scale the others up: a random model's logits for the zeroed tokens are then 0,
+    far below the best readable ones, so its samples read as (random) words instead of byte soup. For demos only."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json"))
+    path = os.path.join(out_dir, "model.safetensors")
+    tensors = load_file(path)
+    head = tensors["lm_head.weight"]
+    for token_id in range(head.shape[0]):
+        text = tok.decode([token_id], skip_special_tokens=True) if token_id < tok.get_vocab_size() else ""
+        if not text or not all(c.isascii() and (c.isalnum() or c in " ,.!?'") for c in text):
+            head[token_id] = 0
+        else:  # sharpen: the best readable token's logit then sits far above the zeroed ones
+            head[token_id] *= 8
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
 def make_tiny_checkpoint(out_dir: str, variant: str = "stablelm-2-1_6b", seed: int = 0,
-                         legacy_config: bool = False) -> str:
-    """A complete HF-format folder (config, tokenizer, random safetensors weights); returns out_dir."""
+                         legacy_config: bool = False, readable: bool = False) -> str:
+    """A complete HF-format folder (config, tokenizer, random safetensors weights); returns out_dir.
+    readable=True: see keep_readable_tokens (used by `make run`)."""
     spec = TINY_CONFIGS[variant]
     vocab = build_tokenizer(out_dir, spec["chat_template"], spec["eos_token"])
     config = hf_config(variant, vocab)
     write_random_weights(out_dir, config, seed)
+    if readable:
+        keep_readable_tokens(out_dir)
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(to_legacy(config) if legacy_config else config, f, indent=1)
     return out_dir
