@@ -125,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling_params(args, n=args.n)  # bad values fail before the model is loaded
     llm = LLM(args.model, **_engine_kwargs(args))
     try:
-        outs = llm.generate(args.prompt, params)
+        outs = llm.generate(args.prompt, params, use_tqdm=len(args.prompt) > 1)
         for out in outs:
             for c in out.outputs:
                 header = f"--- prompt {out.prompt!r}" + (f" [{c.index}]" if args.n > 1 else "")

@@ -87,8 +87,12 @@ def load_checkpoint(
 
     assign(hf_name, read_all, read_slice) where read_slice(dim, start, stop) reads only that slice from disk.
     """
+    from tqdm import tqdm
+
     expected = expected_hf_shapes(config)
     seen: set[str] = set()
+    # NOTE: disable=None shows the bar only on a terminal (not in logs, tests or worker processes' pipes).
+    bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=None, leave=False)
     for path in find_safetensors(model_dir):
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
@@ -113,6 +117,8 @@ def load_checkpoint(
                     return sl[index]
 
                 assign(name, lambda f=f, name=name: f.get_tensor(name), read_slice)
+                bar.update(1)
+    bar.close()
     missing = sorted(set(expected) - seen)
     if missing:
         raise ValueError(f"checkpoint {model_dir!r} is missing tensor {missing[0]!r}"
