@@ -39,7 +39,6 @@ class Tokenizer:
             self.chat_template = named.get("default") or next(iter(named.values()))
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
-        self.special_ids = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
         eos: set[int] = set(config_eos_ids or [])
         gen_eos = gen.get("eos_token_id")
         if gen_eos is not None:

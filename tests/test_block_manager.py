@@ -87,3 +87,18 @@ def test_prefix_hits_are_verified_and_lru_evicted():
     assert len(bm.evictable) == 1
     assert bm.blocks[next(iter(bm.evictable))].token_ids == (1, 2)  # the prefix's head outlives its tail
     bm.check_invariants([c])
+
+
+def test_reset_prefix_cache_forgets_published_blocks():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    a = Sequence("a", 0, [1, 2, 3, 4, 5], SamplingParams(), None, 0.0)
+    sched.add(a)
+    sched.schedule()
+    b = Sequence("b", 0, [1, 2, 3, 4, 9], SamplingParams(), None, 0.0)
+    assert len(bm.match_prefix(b)) == 2
+    bm.reset_prefix_cache()
+    assert bm.match_prefix(b) == []
+    sched.finish(a)
+    assert len(bm.empty) == 4 and not bm.evictable
+    bm.check_invariants([])

@@ -142,6 +142,15 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every published block (after a failed step, whose blocks may hold no valid K/V)."""
+        self.hash_to_block.clear()
+        for block in self.blocks:
+            block.hash, block.token_ids = None, ()
+        while self.evictable:
+            block_id, _ = self.evictable.popitem(last=False)
+            self.empty.append(block_id)
+
     # ---- invariants (tests) --------------------------------------------------------------------------------------
 
     def check_invariants(self, live: list[Sequence]) -> None:

@@ -188,7 +188,7 @@ class LLMEngine:
             logits = self.executor.execute(step)
         except Exception:
             # NOTE: blocks this step was writing were already published to the prefix cache; forget them all.
-            self._reset_prefix_cache()
+            self.block_manager.reset_prefix_cache()
             raise
         self.num_steps += 1
         sampling_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens)
@@ -281,19 +281,6 @@ class LLMEngine:
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              outputs=outs, finished=req.finished, metrics=req.metrics,
                              num_cached_tokens=max(s.num_cached_prompt_tokens for s in req.seqs))
-
-    def _reset_prefix_cache(self) -> None:
-        bm = self.block_manager
-        bm.hash_to_block.clear()
-        for block in bm.blocks:
-            block.hash, block.token_ids = None, ()
-        while bm.evictable:
-            block_id, _ = bm.evictable.popitem(last=False)
-            bm.empty.append(block_id)
-
-    def fail_all(self, reason: str = "abort") -> list[RequestOutput]:
-        """Abort every request (after an engine error); returns their final outputs."""
-        return [o for rid in list(self.requests) if (o := self.abort_request(rid)) is not None]
 
     def shutdown(self) -> None:
         if hasattr(self.executor, "shutdown"):
