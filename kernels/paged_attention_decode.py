@@ -26,17 +26,14 @@ to avoid TF32) tiles are upcast to fp32 with input_precision="ieee"; on a GPU bf
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from stablelm_fast.kernels._common import upcast_dot
+
 DEFAULT_PARTITION_SIZE = 512  # tokens per split-K partition (a multiple of BLOCK_N)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -227,7 +224,7 @@ def paged_attention_decode(
         BLOCK_D=BLOCK_D,
         PARTITION_SIZE=partition_size,
         SINGLE_PARTITION=single,
-        UPCAST_DOT=_interpreting() or q.dtype == torch.float32,
+        UPCAST_DOT=upcast_dot(q.dtype),
         num_warps=4,
     )
     if not single:

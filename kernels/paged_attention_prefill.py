@@ -23,17 +23,14 @@ avoid TF32) tiles are upcast to fp32 with input_precision="ieee"; on a GPU bf16/
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from stablelm_fast.kernels._common import upcast_dot
+
 from stablelm_fast.kernels.paged_attention_decode import check_paged_kv
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -164,7 +161,7 @@ def paged_attention(
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
-        UPCAST_DOT=_interpreting() or q.dtype == torch.float32,
+        UPCAST_DOT=upcast_dot(q.dtype),
         num_warps=4,
     )
     return out

@@ -18,15 +18,12 @@ accumulation); on a GPU the native bf16 tl.dot is used.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from stablelm_fast.kernels._common import upcast_dot
 
 
 @triton.jit
@@ -150,6 +147,6 @@ def gate_up_silu(
     grid = (triton.cdiv(M, BM), triton.cdiv(I, BN))
     gate_up_silu_kernel[grid](
         x, gate_up_weight, out, M, I, K, x.stride(0), gate_up_weight.stride(0), out.stride(0),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, UPCAST_DOT=_interpreting() or x.dtype == torch.float32,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, UPCAST_DOT=upcast_dot(x.dtype),
     )
     return out

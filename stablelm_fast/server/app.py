@@ -157,6 +157,15 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _sse_chunk(obj_type: str, rid: str, created: int, model: str, choices: list, usage: dict | None,
+               include_usage: bool) -> str:
+    """One streamed chunk of a completion (obj_type "text_completion") or chat ("chat.completion.chunk")."""
+    body = {"id": rid, "object": obj_type, "created": created, "model": model, "choices": choices}
+    if include_usage:
+        body["usage"] = usage
+    return _sse(body)
+
+
 # ---- the app ---------------------------------------------------------------------------------------------------------
 
 def create_app(engine: Any, served_model_name: str | list[str] | None = None, api_key: str | None = None,
@@ -421,11 +430,7 @@ def create_app(engine: Any, served_model_name: str | list[str] | None = None, ap
             completion_tokens: dict[tuple[int, int], int] = {}
 
             def chunk(choices: list, usage_: dict | None = None) -> str:
-                body = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                        "choices": choices}
-                if include_usage:
-                    body["usage"] = usage_
-                return _sse(body)
+                return _sse_chunk("text_completion", rid, created, model, choices, usage_, include_usage)
 
             try:
                 async for p_index, out in fanin:
@@ -529,11 +534,7 @@ def create_app(engine: Any, served_model_name: str | list[str] | None = None, ap
             completion_tokens: dict[int, int] = {}
 
             def chunk(choices: list, usage_: dict | None = None) -> str:
-                body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": choices}
-                if include_usage:
-                    body["usage"] = usage_
-                return _sse(body)
+                return _sse_chunk("chat.completion.chunk", rid, created, model, choices, usage_, include_usage)
 
             try:
                 async for _, out in fanin:
