@@ -112,11 +112,49 @@ def test_gate_up_silu(dtype, m, k, inter):
     _rel_close(cpu_ops.gate_up_silu(x, w), expected, dtype)
 
 
+# Above 12 rows the C++ ops run the packed GEMM (csrc/cpu/gemm.cpp): tails in every dimension (tokens not a
+# multiple of 16 or of the 128-token block, features not a multiple of 6 or of the 48-feature thread unit, K not a
+# multiple of 8), and K > 8192, which is split into 4096-wide blocks accumulated through C^T.
+GEMM_MS = [13, 16, 33, 64, 65, 130, 530]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", GEMM_MS)
+@pytest.mark.parametrize("k,n", [(7, 5), (300, 101), (8200, 13)])
+def test_linear_gemm(dtype, m, k, n):
+    x, w = torch.randn(m, k).to(dtype), (torch.randn(n, k) / k**0.5).to(dtype)
+    b = torch.randn(n).to(dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    ops.linear(out, x, w, b)
+    _rel_close(out, F.linear(x.float(), w.float(), b.float()), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", GEMM_MS)
+@pytest.mark.parametrize("k,inter", [(7, 5), (300, 53)])
+def test_gate_up_silu_gemm(dtype, m, k, inter):
+    x, w = torch.randn(m, k).to(dtype), (torch.randn(2 * inter, k) / k**0.5).to(dtype)
+    out = torch.empty(m, inter, dtype=dtype)
+    ops.gate_up_silu(out, x, w)
+    _rel_close(out, ref.gate_up_silu(x.float(), w.float()), dtype)
+
+
+def test_linear_gemm_strided_rows():
+    # x and out with a row stride larger than their width (views into wider tensors)
+    x = torch.randn(40, 100).bfloat16()[:, :64]
+    w = (torch.randn(24, 64) / 8).bfloat16()
+    out = torch.zeros(40, 30, dtype=torch.bfloat16)
+    ops.linear(out[:, :24], x, w, None)
+    _rel_close(out[:, :24], F.linear(x.float(), w.float()), torch.bfloat16)
+    assert (out[:, 24:] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_half_linear_above_threshold_converts_slices_to_fp32(dtype, with_bias, monkeypatch):
+def test_half_linear_without_avx2_converts_slices_to_fp32(dtype, with_bias, monkeypatch):
+    monkeypatch.setattr(cpu_ops, "HAS_AVX2", False)  # above SCALAR_MAX_M: torch's fp32 GEMM
     monkeypatch.setattr(cpu_ops, "CONVERT_ROWS", 48)  # several slices, the last one partial
-    m = cpu_ops.GEMV_MAX_M[dtype] + 3
+    m = cpu_ops.SCALAR_MAX_M[dtype] + 3
     x, w = torch.randn(m, 96).to(dtype), (torch.randn(101, 96) / 10).to(dtype)
     b = torch.randn(101).to(dtype) if with_bias else None
     expected = F.linear(x.float(), w.float(), None if b is None else b.float())
@@ -127,8 +165,9 @@ def test_half_linear_above_threshold_converts_slices_to_fp32(dtype, with_bias, m
     _rel_close(cpu_ops.gate_up_silu(x, w2), ref.gate_up_silu(x.float(), w2.float()), dtype)
 
 
-def test_linear_above_threshold_uses_torch():
-    m = max(cpu_ops.GEMV_MAX_M.values()) + 1
+def test_linear_without_avx2_above_threshold_uses_torch(monkeypatch):
+    monkeypatch.setattr(cpu_ops, "HAS_AVX2", False)
+    m = max(cpu_ops.SCALAR_MAX_M.values()) + 1
     x, w = torch.randn(m, 64), torch.randn(32, 64)
     torch.testing.assert_close(cpu_ops.linear(x, w), F.linear(x, w))
 

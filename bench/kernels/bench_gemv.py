@@ -3,7 +3,8 @@
     .venv/bin/python bench/kernels/bench_gemv.py [--quick] [--lm-head]
 
 Prints time, speedup and achieved weight-read GB/s against the measured memory bandwidth, and the largest M at
-which the C++ kernel still wins per dtype (the crossover used by GEMV_MAX_M in stablelm_fast/ops/cpu_ops.py).
+which the C++ kernel still wins per dtype. Above M = 12 the C++ op is the packed GEMM (bench_gemm.py); with
+STABLELM_FAST_NO_AVX2=1 this measures the scalar paths (the crossover behind cpu_ops.SCALAR_MAX_M).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main() -> None:
         del w
         crossover = max([m for m in ms if all(wins[m])], default=0)
         print(f"-- {dtype}: C++ wins on every shape up to M = {crossover} "
-              f"(cpu_ops.GEMV_MAX_M = {cpu_ops.GEMV_MAX_M[dtype]})")
+              f"(cpu_ops.SCALAR_MAX_M = {cpu_ops.SCALAR_MAX_M[dtype]}, used without AVX2)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """The `cpu` backend: the C++ extension's CPU kernels (csrc/cpu/), same signatures as ops/reference.py.
 
-Outputs are allocated here and passed to the ops as out-parameters. `linear` and `gate_up_silu` use the
-weight-streaming GEMV kernel for small M (decode) and torch's GEMM above a measured threshold (see
-bench/kernels/bench_gemv.py).
+Outputs are allocated here and passed to the ops as out-parameters. `linear` and `gate_up_silu` are the C++
+weight-streaming GEMV (small M) and packed GEMM (larger M); torch's GEMM only without AVX2 above a measured M.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +35,18 @@ def _register_fake_impls() -> None:
 
 _register_fake_impls()
 
-# Largest M (rows of x) for which the C++ GEMV beats torch's F.linear on this class of machine (AVX2, no
-# AVX-512-BF16): measured with bench/kernels/bench_gemv.py on the 1.6B shapes. torch's bf16 GEMM has no fast path
-# without AVX-512-BF16/AMX, so ours wins at every measured M; its fp32 path (MKL/oneDNN sgemm) takes over earlier.
-GEMV_MAX_M = {torch.bfloat16: 128, torch.float16: 128, torch.float32: 16}
-# Above GEMV_MAX_M, half-precision GEMMs convert the weight to fp32 a slice of rows at a time and use torch's fp32
-# GEMM: on CPUs without AVX-512-BF16/AMX torch's own bf16 GEMM runs at ~10 GFLOP/s against ~130 for this path
-# (measured at M=128-512, N=11264, K=2048 on 2 AVX2 cores). A 1024-row slice (8 MB at K=2048) stays in cache.
+# The C++ linear / gate_up_silu cover every M on AVX2 machines: the weight-streaming GEMV up to 12 rows, then the
+# packed-panel GEMM (csrc/cpu/gemm.cpp), which beats torch's GEMM at every M measured on the 1.6B shapes
+# (bench/kernels/bench_gemm.py: 1.4-3x at M = 16-128, 1.0-1.4x at 512-2048, bf16 and fp32).
+# NOTE: STABLELM_FAST_NO_AVX2=1 forces the C++ scalar paths, as in csrc/cpu/cpu_types.h.
+HAS_AVX2 = (torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX")
+            and not os.environ.get("STABLELM_FAST_NO_AVX2"))
+# Without AVX2 the C++ ops are scalar: largest M (rows of x) they still win at (measured with
+# bench/kernels/bench_gemv.py); torch above.
+SCALAR_MAX_M = {torch.bfloat16: 128, torch.float16: 128, torch.float32: 16}
+# Above SCALAR_MAX_M, half-precision GEMMs convert the weight to fp32 a slice of rows at a time and use torch's fp32
+# GEMM: torch's own bf16 GEMM has no fast path without AVX-512-BF16/AMX (~10 GFLOP/s against ~130 for this path
+# at M=128-512, N=11264, K=2048 on 2 AVX2 cores). A 1024-row slice (8 MB at K=2048) stays in cache.
 CONVERT_ROWS = 1024
 
 
@@ -62,11 +68,11 @@ def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, weight, bias)
 
 
-def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _use_ours(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.dtype == weight.dtype
-        and x.dtype in GEMV_MAX_M
-        and x.shape[0] <= GEMV_MAX_M[x.dtype]
+        and x.dtype in SCALAR_MAX_M
+        and (HAS_AVX2 or x.shape[0] <= SCALAR_MAX_M[x.dtype])
         and weight.dim() == 2
         and weight.stride(1) == 1
         and not x.requires_grad
@@ -78,7 +84,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x: [M, K] (or [..., K]); weight: [N, K]; bias: [N] -> [M, N]."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if not _use_gemv(x2, weight):
+    if not _use_ours(x2, weight):
         return _torch_linear(x2, weight, bias).view(*lead, weight.shape[0])
     out = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     _ops.linear(out, x2, weight, bias)
@@ -89,7 +95,7 @@ def gate_up_silu(x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
     """x: [M, H]; gate_up_weight: [2I, H] -> silu(x Wg^T) * (x Wu^T): [M, I]."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if not _use_gemv(x2, gate_up_weight):
+    if not _use_ours(x2, gate_up_weight):
         return silu_and_mul(_torch_linear(x2, gate_up_weight, None)).view(*lead, -1)
     out = torch.empty(x2.shape[0], gate_up_weight.shape[0] // 2, dtype=x.dtype, device=x.device)
     _ops.gate_up_silu(out, x2, gate_up_weight)
