@@ -22,7 +22,7 @@ def main() -> None:
     for dtype in (torch.bfloat16, torch.float32):
         es = torch.finfo(dtype).bits // 8
         for hq, hkv, d in ((32, 32, 64), (32, 8, 160)):
-            for batch, ctx in ((1, 1024), (8, 1024)):
+            for batch, ctx in ((1, 1024), (8, 1024), (32, 160)):  # the last: batched decode of the throughput run
                 kc, vc, bt = _cache(batch, ctx, hkv, d, dtype)
                 lens = torch.full((batch,), ctx, dtype=torch.int32)
                 q = torch.randn(batch, hq, d).to(dtype)
