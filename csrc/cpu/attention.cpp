@@ -108,6 +108,24 @@ inline void scale_add_scalar(float* acc, float alpha, const float* p, const scal
   }
 }
 
+// One online-softmax step over the scores s[0:n] of a row: moves the state to the tile's maximum, replaces s[j] by
+// exp(s[j] - m) and adds them to st->l; returns the factor the row's accumulator must be scaled by.
+template <bool kAvx2>
+float softmax_tile(SoftmaxState* st, float* s, int64_t n) {
+  float bmax = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) bmax = std::max(bmax, s[j]);
+  const float alpha = softmax_rescale(st, bmax);
+  if constexpr (kAvx2) {
+    st->l += exp_sum_avx2(s, n, st->m);
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = expf(s[j] - st->m);
+      st->l += s[j];
+    }
+  }
+  return alpha;
+}
+
 struct WorkItem {
   int32_t seq;
   int32_t kv_head;  // first kv head
@@ -151,7 +169,6 @@ void attention_item(const WorkItem& it, scalar_t* out, const scalar_t* q, const 
       const int64_t jn = std::min(j1, limit[r] + 1) - j0;
       const float* qr = qbuf.data() + r * head_dim;
       float* s = scores.data();
-      float bmax = -INFINITY;
       int64_t j = 0;
       if constexpr (kAvx2) {
         for (; j + 4 <= jn; j += 4) dot4_avx2(qr, kp + j, head_dim, s + j);
@@ -159,19 +176,8 @@ void attention_item(const WorkItem& it, scalar_t* out, const scalar_t* q, const 
       } else {
         for (; j < jn; ++j) s[j] = dot_scalar(qr, kp[j], head_dim);
       }
-      for (j = 0; j < jn; ++j) {
-        s[j] *= scale;
-        bmax = std::max(bmax, s[j]);
-      }
-      const float alpha = softmax_rescale(&st[r], bmax);
-      if constexpr (kAvx2) {
-        st[r].l += exp_sum_avx2(s, jn, st[r].m);
-      } else {
-        for (j = 0; j < jn; ++j) {
-          s[j] = expf(s[j] - st[r].m);
-          st[r].l += s[j];
-        }
-      }
+      for (j = 0; j < jn; ++j) s[j] *= scale;
+      const float alpha = softmax_tile<kAvx2>(&st[r], s, jn);
       float* ar = acc.data() + r * head_dim;
       if (kAvx2)
         scale_add_avx2(ar, alpha, s, vp, jn, head_dim);
@@ -275,18 +281,7 @@ void decode_item(const WorkItem& it, scalar_t* out, const scalar_t* q, const sca
       decode_qk_scalar(qbuf.data(), rows, group, head_dim, k_cache, row_off, jn, c_head_stride, scale, kf.data(),
                        scores.data());
     for (int64_t r = 0; r < rows; ++r) {
-      float* s = scores.data() + r * kKeyTile;
-      float bmax = -INFINITY;
-      for (int64_t j = 0; j < jn; ++j) bmax = std::max(bmax, s[j]);
-      const float alpha = softmax_rescale(&st[r], bmax);
-      if constexpr (kAvx2) {
-        st[r].l += exp_sum_avx2(s, jn, st[r].m);
-      } else {
-        for (int64_t j = 0; j < jn; ++j) {
-          s[j] = expf(s[j] - st[r].m);
-          st[r].l += s[j];
-        }
-      }
+      const float alpha = softmax_tile<kAvx2>(&st[r], scores.data() + r * kKeyTile, jn);
       float* ar = acc.data() + r * head_dim;
       for (int64_t i = 0; i < head_dim; ++i) ar[i] *= alpha;
     }

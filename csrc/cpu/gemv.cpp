@@ -215,6 +215,16 @@ void gemv(const float* xf, int64_t M, int64_t K, const scalar_t* W, int64_t ldw,
 // Above kGemvMaxM rows the layer is compute-bound: the packed GEMM (gemm.cpp, AVX2 only) takes over.
 inline bool use_gemm(const torch::Tensor& x) { return x.size(0) > kGemvMaxM && cpu_has_avx2(); }
 
+// out[M, n_out] from x[M, K] and weight ([n_out, K], or [2 n_out, K] with gate_up) through gemm_packed.
+void run_gemm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight, int64_t n_out, bool gate_up,
+              const float* bias) {
+  const torch::Tensor xc = x.contiguous();
+  SLF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gemm_packed", [&] {
+    gemm_packed<scalar_t>(xc.data_ptr<scalar_t>(), xc.stride(0), x.size(0), x.size(1), weight.data_ptr<scalar_t>(),
+                          weight.stride(0), n_out, gate_up, bias, out.data_ptr<scalar_t>(), out.stride(0));
+  });
+}
+
 void check_common(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight, int64_t n_out) {
   check_floating(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
@@ -239,16 +249,8 @@ void linear(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& wei
     b = bias->to(at::kFloat).contiguous();
   }
   if (x.size(0) == 0 || n == 0) return;
-  if (slf::cpu::use_gemm(x)) {
-    const torch::Tensor xc = x.contiguous();
-    SLF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear", [&] {
-      slf::cpu::gemm_packed<scalar_t>(xc.data_ptr<scalar_t>(), xc.stride(0), x.size(0), x.size(1),
-                                      weight.data_ptr<scalar_t>(), weight.stride(0), n, false,
-                                      b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(),
-                                      out.stride(0));
-    });
-    return;
-  }
+  if (slf::cpu::use_gemm(x))
+    return slf::cpu::run_gemm(out, x, weight, n, false, b.defined() ? b.data_ptr<float>() : nullptr);
   const torch::Tensor xf = x.to(at::kFloat).contiguous();  // [M, K]
   SLF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear", [&] {
     slf::cpu::gemv<scalar_t, false>(xf.data_ptr<float>(), x.size(0), x.size(1),
@@ -264,15 +266,7 @@ void gate_up_silu(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
   const int64_t inter = gate_up_weight.size(0) / 2;
   slf::cpu::check_common(out, x, gate_up_weight, inter);
   if (x.size(0) == 0 || inter == 0) return;
-  if (slf::cpu::use_gemm(x)) {
-    const torch::Tensor xc = x.contiguous();
-    SLF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate_up_silu", [&] {
-      slf::cpu::gemm_packed<scalar_t>(xc.data_ptr<scalar_t>(), xc.stride(0), x.size(0), x.size(1),
-                                      gate_up_weight.data_ptr<scalar_t>(), gate_up_weight.stride(0), inter, true,
-                                      nullptr, out.data_ptr<scalar_t>(), out.stride(0));
-    });
-    return;
-  }
+  if (slf::cpu::use_gemm(x)) return slf::cpu::run_gemm(out, x, gate_up_weight, inter, true, nullptr);
   const torch::Tensor xf = x.to(at::kFloat).contiguous();  // [M, K]
   SLF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate_up_silu", [&] {
     slf::cpu::gemv<scalar_t, true>(xf.data_ptr<float>(), x.size(0), x.size(1),
