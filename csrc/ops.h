@@ -37,6 +37,7 @@ void paged_attention_decode(torch::Tensor& out, const torch::Tensor& q, const to
 void linear(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight,
             const std::optional<torch::Tensor>& bias);
 void gate_up_silu(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& gate_up_weight);
+void pack_linear_weight(torch::Tensor& out, const torch::Tensor& weight);
 
 // ---- CUDA (csrc/cuda/torch_wrappers.cu; only in builds with SLF_WITH_CUDA) ----
 #ifdef SLF_WITH_CUDA

@@ -46,6 +46,10 @@ TORCH_LIBRARY(stablelm_fast, ops) {
   // out[M, I] = silu(x @ Wg^T) * (x @ Wu^T), gate_up_weight = [Wg; Wu]: [2I, K], streamed once.
   ops.def("gate_up_silu(Tensor! out, Tensor x, Tensor gate_up_weight) -> ()");
   ops.impl("gate_up_silu", torch::kCPU, &gate_up_silu);
+  // linear / gate_up_silu also take weights in this layout: out[N / 16, K, 16] = weight [N, K] in panels of 16
+  // output features (csrc/cpu/panel.h), for the CPU GEMM that reads them in place.
+  ops.def("pack_linear_weight(Tensor! out, Tensor weight) -> ()");
+  ops.impl("pack_linear_weight", torch::kCPU, &pack_linear_weight);
 #ifdef SLF_WITH_CUDA
   // CUDA kernels (csrc/cuda/); ops without a CUDA kernel fall back to the reference in ops/cuda_ops.py.
   ops.impl("layernorm", torch::kCUDA, &layernorm_cuda);

@@ -100,6 +100,17 @@ class StableLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight.data.copy_(self.embed.weight.data)
 
+    def pack_linear_weights(self, pack: Callable[..., torch.Tensor]) -> None:
+        """Replace every linear weight by the backend's load-time layout (cpu: panels, csrc/cpu/panel.h); after
+        loading, once. pack(w, halves=True) is told a gate_up weight's two halves must stay apart."""
+        for layer in self.layers:
+            attn, mlp = layer.attn, layer.mlp
+            attn.qkv_weight.data = pack(attn.qkv_weight.data)
+            attn.o_weight.data = pack(attn.o_weight.data)
+            mlp.gate_up_weight.data = pack(mlp.gate_up_weight.data, halves=True)
+            mlp.down_weight.data = pack(mlp.down_weight.data)
+        self.lm_head.weight.data = pack(self.lm_head.weight.data)
+
     def init_dummy_weights(self, seed: int = 0) -> None:
         """Random weights from config.json alone (load_format='dummy'), scaled like a trained model's."""
         gen = torch.Generator().manual_seed(seed + 7919 * self.tp.rank)

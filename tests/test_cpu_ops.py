@@ -172,6 +172,76 @@ def test_linear_without_avx2_above_threshold_uses_torch(monkeypatch):
     torch.testing.assert_close(cpu_ops.linear(x, w), F.linear(x, w))
 
 
+# ---------------------------------------------------------------- panel-packed weights (csrc/cpu/panel_gemm.cpp)
+
+
+def _unpack(panels, dtype):
+    """The inverse of the panel layout (csrc/cpu/panel.h): [N / 16, K, 16] -> [N, K]."""
+    p, k, _ = panels.shape
+    w = panels.permute(0, 2, 1)  # [P, slot, K]
+    if dtype == torch.bfloat16:  # bf16 panels hold feature f at slot 2f (f < 8) or 2(f - 8) + 1
+        w = w[:, [2 * f if f < 8 else 2 * (f - 8) + 1 for f in range(16)]]
+    return w.reshape(p * 16, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_linear_weight_layout(dtype):
+    w = torch.randn(48, 37).to(dtype)
+    packed = cpu_ops.pack_linear_weight(w)
+    if not cpu_ops.HAS_AVX2:  # the panel GEMM is AVX2-only: weights stay as they are
+        assert packed is w
+        return
+    assert packed.shape == (3, 37, 16) and packed.dtype == dtype
+    assert torch.equal(_unpack(packed, dtype), w)
+    # Only whole panels are packed; a gate_up weight only if each half is whole panels.
+    odd = torch.randn(40, 8).to(dtype)
+    assert cpu_ops.pack_linear_weight(odd) is odd
+    gate_up = torch.randn(48, 8).to(dtype)
+    assert cpu_ops.pack_linear_weight(gate_up, halves=True) is gate_up
+    assert cpu_ops.pack_linear_weight(torch.randn(64, 8).to(dtype), halves=True).shape == (4, 8, 16)
+
+
+# Tokens: every 6-token tile size (1-6), several tiles with a tail, and from 48 on the blocks widened to fp32 first;
+# K odd, not a multiple of 8, and above 2048 (widened panels used 2048 columns at a time).
+PANEL_MS = [1, 2, 3, 4, 5, 6, 7, 12, 13, 33, 48, 61]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", PANEL_MS)
+@pytest.mark.parametrize("k,n", [(37, 32), (300, 48), (2048, 16), (4100, 32)])
+def test_panel_linear(dtype, m, k, n):
+    x, w = torch.randn(m, k).to(dtype), (torch.randn(n, k) / k**0.5).to(dtype)
+    b = torch.randn(n).to(dtype)
+    expected = F.linear(x.float(), w.float(), b.float())
+    _rel_close(cpu_ops.linear(x, cpu_ops.pack_linear_weight(w), b), expected, dtype)
+    _rel_close(cpu_ops.linear(x, cpu_ops.pack_linear_weight(w)), F.linear(x.float(), w.float()), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", PANEL_MS)
+@pytest.mark.parametrize("k,inter", [(37, 16), (300, 48)])
+def test_panel_gate_up_silu(dtype, m, k, inter):
+    x, w = torch.randn(m, k).to(dtype), (torch.randn(2 * inter, k) / k**0.5).to(dtype)
+    got = cpu_ops.gate_up_silu(x, cpu_ops.pack_linear_weight(w, halves=True))
+    _rel_close(got, ref.gate_up_silu(x.float(), w.float()), dtype)
+
+
+def test_panel_linear_strided_rows():
+    x = torch.randn(9, 100).bfloat16()[:, :64]  # rows 100 apart
+    w = (torch.randn(32, 64) / 8).bfloat16()
+    _rel_close(cpu_ops.linear(x, cpu_ops.pack_linear_weight(w)), F.linear(x.float(), w.float()), torch.bfloat16)
+
+
+def test_panel_linear_rejects_bad_shapes():
+    if not cpu_ops.HAS_AVX2:
+        return
+    packed = cpu_ops.pack_linear_weight(torch.randn(32, 64))
+    with pytest.raises(RuntimeError, match="K = x.size"):
+        cpu_ops.linear(torch.randn(3, 63), packed)
+    with pytest.raises(RuntimeError, match="as many up as gate panels"):
+        cpu_ops.gate_up_silu(torch.randn(3, 64), cpu_ops.pack_linear_weight(torch.randn(48, 64)))
+
+
 # ---------------------------------------------------------------- qk_norm_rope_cache
 
 
@@ -270,6 +340,7 @@ def _opcheck_cases():
         "silu_and_mul": (torch.empty(3, 20), x),
         "linear": (torch.empty(3, 24), x, torch.randn(24, 40), torch.randn(24)),
         "gate_up_silu": (torch.empty(3, 12), x, torch.randn(24, 40)),
+        "pack_linear_weight": (torch.empty(2, 40, 16), torch.randn(32, 40)),
         "qk_norm_rope_cache": (torch.empty(3, hq, d), qkv, torch.tensor([0, 5, 9]), cs, torch.randn(hq, d),
                                torch.randn(hkv, d), 1e-5, kc.clone(), vc.clone(), torch.tensor([0, -1, 7]), hq, hkv, d),
         "paged_attention": (torch.empty(4, hq, d), torch.randn(4, hq, d), kc, vc, bt,

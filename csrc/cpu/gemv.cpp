@@ -10,6 +10,7 @@
 
 #include "cpu/cpu_types.h"
 #include "cpu/gemm.h"
+#include "cpu/panel.h"
 #include "ops.h"
 
 namespace slf::cpu {
@@ -241,13 +242,15 @@ void check_common(const torch::Tensor& out, const torch::Tensor& x, const torch:
 
 void linear(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight,
             const std::optional<torch::Tensor>& bias) {
-  const int64_t n = weight.size(0);
-  slf::cpu::check_common(out, x, weight, n);
+  const int64_t n = weight.dim() == 3 ? weight.size(0) * slf::cpu::kPanel : weight.size(0);
   torch::Tensor b;
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "bias must be [N]");
     b = bias->to(at::kFloat).contiguous();
   }
+  if (weight.dim() == 3)  // panel-packed (pack_linear_weight)
+    return slf::cpu::panel_gemm(out, x, weight, b.defined() ? b.data_ptr<float>() : nullptr, false);
+  slf::cpu::check_common(out, x, weight, n);
   if (x.size(0) == 0 || n == 0) return;
   if (slf::cpu::use_gemm(x))
     return slf::cpu::run_gemm(out, x, weight, n, false, b.defined() ? b.data_ptr<float>() : nullptr);
@@ -262,6 +265,8 @@ void linear(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& wei
 }
 
 void gate_up_silu(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& gate_up_weight) {
+  if (gate_up_weight.dim() == 3)  // panel-packed (pack_linear_weight)
+    return slf::cpu::panel_gemm(out, x, gate_up_weight, nullptr, true);
   TORCH_CHECK(gate_up_weight.dim() == 2 && gate_up_weight.size(0) % 2 == 0, "gate_up_weight must be [2I, K]");
   const int64_t inter = gate_up_weight.size(0) / 2;
   slf::cpu::check_common(out, x, gate_up_weight, inter);
@@ -276,3 +281,5 @@ void gate_up_silu(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
                                    out.stride(0));
   });
 }
+
+void pack_linear_weight(torch::Tensor& out, const torch::Tensor& weight) { slf::cpu::pack_panels(out, weight); }

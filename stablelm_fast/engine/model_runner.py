@@ -103,6 +103,8 @@ class ModelRunner:
         else:
             assert model_dir is not None
             self.model.load_weights(model_dir)
+        if hasattr(self.ops, "pack_linear_weight"):
+            self.model.pack_linear_weights(self.ops.pack_linear_weight)
         self.model.eval()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0

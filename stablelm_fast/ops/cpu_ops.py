@@ -1,7 +1,9 @@
 """The `cpu` backend: the C++ extension's CPU kernels (csrc/cpu/), same signatures as ops/reference.py.
 
-Outputs are allocated here and passed to the ops as out-parameters. `linear` and `gate_up_silu` are the C++
-weight-streaming GEMV (small M) and packed GEMM (larger M); torch's GEMM only without AVX2 above a measured M.
+Outputs are allocated here and passed to the ops as out-parameters. `linear` and `gate_up_silu` run the C++ panel
+GEMM on weights repacked at load (pack_linear_weight; every M); weights it does not take (not whole panels of 16
+features) run the C++ row-major GEMV (small M) and packed GEMM (larger M); torch's GEMM only without AVX2 above a
+measured M.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def _register_fake_impls() -> None:
         return None
 
     for name in ("layernorm", "add_layernorm", "silu_and_mul", "qk_norm_rope_cache", "paged_attention",
-                 "paged_attention_decode", "linear", "gate_up_silu"):
+                 "paged_attention_decode", "linear", "gate_up_silu", "pack_linear_weight"):
         try:
             torch.library.register_fake(f"stablelm_fast::{name}")(_none)
         except RuntimeError:  # already registered (module re-imported)
@@ -80,10 +82,33 @@ def _use_ours(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [M, K] (or [..., K]); weight: [N, K]; bias: [N] -> [M, N]."""
-    lead = x.shape[:-1]
+def pack_linear_weight(weight: torch.Tensor, halves: bool = False) -> torch.Tensor:
+    """Load-time repacking of a linear weight [N, K] into panels [N / 16, K, 16] (csrc/cpu/panel.h), which
+    linear / gate_up_silu read in place at every M. halves: a gate_up weight [Wg; Wu], packed only if each half is
+    whole panels. Weights the panel GEMM does not take (no AVX2, N not a multiple of 16) come back unchanged.
+    """
+    rows = weight.shape[0] // 2 if halves else weight.shape[0]
+    if not (HAS_AVX2 and weight.dim() == 2 and weight.dtype in SCALAR_MAX_M and rows > 0 and rows % 16 == 0
+            and weight.device.type == "cpu" and not weight.requires_grad):
+        return weight
+    out = torch.empty(weight.shape[0] // 16, weight.shape[1], 16, dtype=weight.dtype)
+    _ops.pack_linear_weight(out, weight.contiguous())
+    return out
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] (or [..., K]); weight: [N, K] or its panels [N / 16, K, 16]; bias: [N] -> [M, N]."""
+    lead = x.shape[:-1]
+    x2 = _rows(x)
+    if weight.dim() == 3:  # panel-packed: the C++ panel GEMM
+        out = torch.empty(x2.shape[0], weight.shape[0] * 16, dtype=x.dtype, device=x.device)
+        _ops.linear(out, x2, weight, bias)
+        return out.view(*lead, out.shape[1])
     if not _use_ours(x2, weight):
         return _torch_linear(x2, weight, bias).view(*lead, weight.shape[0])
     out = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
@@ -92,9 +117,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def gate_up_silu(x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
-    """x: [M, H]; gate_up_weight: [2I, H] -> silu(x Wg^T) * (x Wu^T): [M, I]."""
+    """x: [M, H]; gate_up_weight: [2I, H] (or its panels) -> silu(x Wg^T) * (x Wu^T): [M, I]."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows(x)
+    if gate_up_weight.dim() == 3:  # panel-packed: the C++ panel GEMM
+        out = torch.empty(x2.shape[0], gate_up_weight.shape[0] * 8, dtype=x.dtype, device=x.device)
+        _ops.gate_up_silu(out, x2, gate_up_weight)
+        return out.view(*lead, -1)
     if not _use_ours(x2, gate_up_weight):
         return silu_and_mul(_torch_linear(x2, gate_up_weight, None)).view(*lead, -1)
     out = torch.empty(x2.shape[0], gate_up_weight.shape[0] // 2, dtype=x.dtype, device=x.device)
