@@ -37,9 +37,10 @@ def _register_fake_impls() -> None:
 
 _register_fake_impls()
 
-# The C++ linear / gate_up_silu cover every M on AVX2 machines: the weight-streaming GEMV up to 12 rows, then the
-# packed-panel GEMM (csrc/cpu/gemm.cpp), which beats torch's GEMM at every M measured on the 1.6B shapes
-# (bench/kernels/bench_gemm.py: 1.4-3x at M = 16-128, 1.0-1.4x at 512-2048, bf16 and fp32).
+# The C++ linear / gate_up_silu cover every M on AVX2 machines. Panel-packed weights (pack_linear_weight, every
+# model weight that is whole panels) run csrc/cpu/panel_gemm.cpp; row-major ones the weight-streaming GEMV up to 12
+# rows, then the row-major packed GEMM (csrc/cpu/gemm.cpp). Both beat torch's GEMM at every M measured on the 1.6B
+# shapes (bench/kernels/bench_gemm.py prints all of them).
 # NOTE: STABLELM_FAST_NO_AVX2=1 forces the C++ scalar paths, as in csrc/cpu/cpu_types.h.
 HAS_AVX2 = (torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX")
             and not os.environ.get("STABLELM_FAST_NO_AVX2"))
