@@ -90,4 +90,11 @@ inline T from_float(float v) {
   return static_cast<T>(v);
 }
 
+// One output of the fused MLP first half from its fp32 gate and up sums: silu(gate) * up in T.
+// NOTE: gate and up are rounded to the activation dtype first, as the unfused linear + silu_and_mul.
+template <typename T>
+inline T silu_mul_out(float gate, float up) {
+  return from_float<T>(silu(to_float(from_float<T>(gate))) * to_float(from_float<T>(up)));
+}
+
 }  // namespace slf::cpu

@@ -47,22 +47,11 @@ inline Blocking blocking_for(int64_t M, int64_t K) {
 // xp[p][k][t] = x[kTR * p + t][k] in fp32 (zero for tokens >= M), for panels p in [p0, p1).
 template <typename scalar_t>
 SLF_AVX2 void pack_x(const scalar_t* x, int64_t ldx, int64_t M, int64_t K, float* xp, int64_t p0, int64_t p1) {
-  const int64_t k8 = K - K % 8;
-  for (int64_t p = p0; p < p1; ++p) {
-    float* panel = xp + p * K * kTR;
+  for (int64_t p = p0; p < p1; ++p)
     for (int64_t h = 0; h < kTR; h += 8) {
-      const int64_t t0 = p * kTR + h;
-      const int64_t valid = std::clamp<int64_t>(M - t0, 0, 8);
-      for (int64_t k = 0; k < k8; k += 8) {
-        __m256 r[8];
-        for (int i = 0; i < 8; ++i) r[i] = i < valid ? load8(x + (t0 + i) * ldx + k) : _mm256_setzero_ps();
-        transpose8(r);
-        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(panel + (k + j) * kTR + h, r[j]);
-      }
-      for (int64_t k = k8; k < K; ++k)
-        for (int64_t i = 0; i < 8; ++i) panel[k * kTR + h + i] = i < valid ? to_float(x[(t0 + i) * ldx + k]) : 0.f;
+      const int64_t t0 = std::min(M, p * kTR + h);
+      pack_kmajor(x + t0 * ldx, ldx, std::clamp<int64_t>(M - t0, 0, 8), K, xp + p * K * kTR + h, kTR, 8);
     }
-  }
 }
 
 // wb[r][0:kc] = W[rows[r]][pc:pc + kc] in fp32, for r < mc; rows mc up to a multiple of kFR are zero.
@@ -144,10 +133,7 @@ SLF_AVX2 void gemm_features(const float* xp, int64_t M, int64_t K, const scalar_
         const float* c = cb.get() + t;
         for (int64_t j = 0; j < fb; ++j) {
           if (gate_up) {
-            // NOTE: gate and up are rounded to the activation dtype first, as the unfused linear + silu_and_mul.
-            const float g = to_float(from_float<scalar_t>(c[j * bk.nc]));
-            const float u = to_float(from_float<scalar_t>(c[(fb + j) * bk.nc]));
-            o[j] = from_float<scalar_t>(silu(g) * u);
+            o[j] = silu_mul_out<scalar_t>(c[j * bk.nc], c[(fb + j) * bk.nc]);
           } else {
             o[j] = from_float<scalar_t>(c[j * bk.nc] + (bias ? bias[fi + j] : 0.f));
           }

@@ -177,10 +177,7 @@ void gemv_block(const float* xf,        // [M, K] fp32
           scalar_t* o = out + (m0 + m) * ldo + c;
           for (int64_t j = 0; j < p; ++j) {
             if constexpr (kGateUp) {
-              // NOTE: gate and up are rounded to the activation dtype first, as the unfused linear + silu_and_mul.
-              const float g = to_float(from_float<scalar_t>(acc[m * R + j]));
-              const float u = to_float(from_float<scalar_t>(acc[m * R + p + j]));
-              o[j] = from_float<scalar_t>(silu(g) * u);
+              o[j] = silu_mul_out<scalar_t>(acc[m * R + j], acc[m * R + p + j]);
             } else {
               o[j] = from_float<scalar_t>(acc[m * R + j] + (bias ? bias[c + j] : 0.f));
             }

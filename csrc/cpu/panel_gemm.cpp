@@ -55,22 +55,6 @@ SLF_AVX2 inline void load_row(const c10::BFloat16* w, __m256& lo, __m256& hi) {
   hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 
-// xg[k][t] = x[t][k] in fp32 for t < T, zero for T <= t < 6.
-// NOTE: the 8-lane stores write two floats past each k's six; the next k overwrites them, and each group has 8
-// floats of slack after it (groups are packed by different threads).
-template <typename scalar_t>
-SLF_AVX2 void pack_group(const scalar_t* x, int64_t ldx, int64_t T, int64_t K, float* xg) {
-  const int64_t k8 = K - K % 8;
-  for (int64_t k = 0; k < k8; k += 8) {
-    __m256 r[8];
-    for (int64_t t = 0; t < 8; ++t) r[t] = t < T ? load8(x + t * ldx + k) : _mm256_setzero_ps();
-    transpose8(r);
-    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(xg + (k + j) * kTok, r[j]);
-  }
-  for (int64_t k = k8; k < K; ++k)
-    for (int64_t t = 0; t < kTok; ++t) xg[k * kTok + t] = t < T ? to_float(x[t * ldx + k]) : 0.f;
-}
-
 // c[t][0:16] (+)= sum_k xg[k][t] * w[k][0:16] for t < T.
 // NOTE: named accumulators (GCC keeps __m256 arrays in memory). With T <= 3 there are too few FMA chains to hide
 // their latency, so odd k go to a second set (b), summed at the end.
@@ -154,6 +138,7 @@ SLF_AVX2 void widen_panel(const w_t* w, int64_t K, float* dst) {
 template <typename scalar_t>
 void run(const scalar_t* x, int64_t ldx, int64_t M, int64_t K, const scalar_t* panels, int64_t n_out, bool gate_up,
          const float* bias, scalar_t* out, int64_t ldo) {
+  // x in 6-token groups, xp[g][k][t] = x[6g + t][k] (zero past M), 8 floats of slack after each (pack_kmajor).
   const int64_t n_groups = (M + kTok - 1) / kTok, group_stride = kTok * K + 8;
   // NOTE: the packed x is reused across calls of the same thread (no page faults / zeroing per layer).
   thread_local std::unique_ptr<float[]> xp_buf;
@@ -165,7 +150,7 @@ void run(const scalar_t* x, int64_t ldx, int64_t M, int64_t K, const scalar_t* p
   float* xp = xp_buf.get();
   at::parallel_for(0, n_groups, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
-      pack_group(x + g * kTok * ldx, ldx, std::min(kTok, M - g * kTok), K, xp + g * group_stride);
+      pack_kmajor(x + g * kTok * ldx, ldx, std::min(kTok, M - g * kTok), K, xp + g * group_stride, kTok, kTok);
   });
 
   const int64_t n_fp = n_out / kPanel;  // output panels (gate_up: gate panel p, up panel n_fp + p)
@@ -184,12 +169,7 @@ void run(const scalar_t* x, int64_t ldx, int64_t M, int64_t K, const scalar_t* p
       scalar_t* o = out + (g * kTok + t) * ldo + p * kPanel;
       const float* ct = c + t * kPanel;
       if (gate_up) {
-        // NOTE: gate and up are rounded to the activation dtype first, as the unfused linear + silu_and_mul.
-        for (int64_t j = 0; j < kPanel; ++j) {
-          const float gv = to_float(from_float<scalar_t>(ct[j]));
-          const float uv = to_float(from_float<scalar_t>(cu[t * kPanel + j]));
-          o[j] = from_float<scalar_t>(silu(gv) * uv);
-        }
+        for (int64_t j = 0; j < kPanel; ++j) o[j] = silu_mul_out<scalar_t>(ct[j], cu[t * kPanel + j]);
       } else {
         for (int64_t j = 0; j < kPanel; ++j) o[j] = from_float<scalar_t>(ct[j] + (bias ? bias[p * kPanel + j] : 0.f));
       }

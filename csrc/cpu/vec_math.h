@@ -57,4 +57,22 @@ SLF_AVX2 static inline void transpose8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
+// dst[k * ld + i] = x[i * ldx + k] in fp32 for k < K and i < lanes (<= 8), zero for rows i >= valid: up to 8 token
+// rows of x transposed to k-major, the packed operand of the CPU GEMMs.
+// NOTE: the 8-lane stores write 8 - lanes floats past each k's lanes; the next k overwrites them, and with
+// lanes < 8 the caller leaves 8 floats of slack after the last k.
+template <typename scalar_t>
+SLF_AVX2 void pack_kmajor(const scalar_t* x, int64_t ldx, int64_t valid, int64_t K, float* dst, int64_t ld,
+                          int64_t lanes) {
+  const int64_t k8 = K - K % 8;
+  for (int64_t k = 0; k < k8; k += 8) {
+    __m256 r[8];
+    for (int64_t i = 0; i < 8; ++i) r[i] = i < valid ? load8(x + i * ldx + k) : _mm256_setzero_ps();
+    transpose8(r);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (k + j) * ld, r[j]);
+  }
+  for (int64_t k = k8; k < K; ++k)
+    for (int64_t i = 0; i < lanes; ++i) dst[k * ld + i] = i < valid ? to_float(x[i * ldx + k]) : 0.f;
+}
+
 }  // namespace slf::cpu
