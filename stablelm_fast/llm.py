@@ -39,13 +39,13 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
+        processed = []
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             try:
-                _, ids = self.engine.validate_prompt(prompt)
-                self.engine.check_fits(len(ids), params)
+                processed.append(self.engine.input_processor.process(prompt, params))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        ids = [self.engine.add_request(p) for p in processed]
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,

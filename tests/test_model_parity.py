@@ -5,7 +5,8 @@ import torch
 
 from checkpoints import VARIANTS, load_hf
 from stablelm_fast import LLM, SamplingParams
-from stablelm_fast.engine.model_runner import ModelRunner, prepare_step
+from stablelm_fast.engine.model_runner import ModelRunner
+from stablelm_fast.engine.step_input import prepare_step
 from stablelm_fast.engine.scheduler import ScheduledBatch
 from stablelm_fast.engine.sequence import Sequence
 

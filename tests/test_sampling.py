@@ -108,13 +108,13 @@ def test_eos_stops_unless_ignored(tiny_model):
     rid = engine.add_request({"prompt_token_ids": [5, 6]}, SamplingParams(temperature=0, max_tokens=8))
     seq = engine.requests[rid].seqs[0]
     engine.step()
-    engine._append_token(seq, eos, None, 0.0)
+    engine.output_processor.append_token(engine.requests[rid], seq, eos, None, 0.0)
     assert seq.finish_reason == "stop" and seq.stop_reason == eos
     rid = engine.add_request({"prompt_token_ids": [5, 6]}, SamplingParams(temperature=0, max_tokens=8,
                                                                           ignore_eos=True))
     seq = engine.requests[rid].seqs[0]
     engine.step()
-    engine._append_token(seq, eos, None, 0.0)
+    engine.output_processor.append_token(engine.requests[rid], seq, eos, None, 0.0)
     assert seq.finish_reason is None
     engine.abort_request(rid)
 

@@ -7,6 +7,7 @@ import httpx
 import openai
 import pytest
 
+from stablelm_fast.engine.input_processor import InputProcessor
 from stablelm_fast.outputs import CompletionOutput, RequestOutput
 from stablelm_fast.server import create_app
 from stablelm_fast.server import tool_calls as tc
@@ -139,11 +140,13 @@ class ScriptedEngine:
     def __init__(self, model_dir: str) -> None:
         self.tokenizer = Tokenizer(model_dir)
         self.max_model_len = 4096
+        self.input_processor = InputProcessor(self.tokenizer, None, self.max_model_len)
         self.is_running = True
         self.pieces: list[str] = []
         self.prompts: list[dict] = []
 
     async def generate(self, prompt, params, request_id=None):
+        prompt = {"prompt": prompt.prompt, "prompt_token_ids": prompt.prompt_token_ids}
         self.prompts.append(prompt)
         text, ids = "", []
         for i, piece in enumerate(self.pieces):

@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 
 from stablelm_fast.config import ModelConfig
-from stablelm_fast.engine.model_runner import ModelRunner, StepInput
+from stablelm_fast.engine.model_runner import ModelRunner
+from stablelm_fast.engine.step_input import StepInput
 from stablelm_fast.layers.parallel import TPInfo, head_shard, split_range
 
 CMD_STEP, CMD_ALLOC, CMD_STOP = 1, 2, 3
@@ -385,6 +386,9 @@ class TPExecutor:
             raise RuntimeError(f"the tensor-parallel executor is dead: {self.dead_reason}")
         if self._closed:
             raise RuntimeError("the tensor-parallel executor was shut down")
+
+    def enable_cuda_graphs(self, max_batch: int, max_blocks_per_seq: int) -> None:
+        """Not yet under tensor parallelism: every rank runs the model eagerly."""
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         """Bytes one block costs in the memory the budget is taken from: on CPU every rank of this host takes its

@@ -50,6 +50,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free(seq)
+        seq.num_computed_tokens = 0  # recomputed from scratch (the prefix cache usually gives most of it back)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -80,12 +81,14 @@ class Scheduler:
         # 2. waiting sequences, first come first served (no overtaking: a head that does not fit blocks the queue)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = self.bm.match_prefix(seq)
+            # NOTE: prompt logprobs need every prompt position computed: no prefix-cache hits for such requests.
+            hits = [] if seq.params.prompt_logprobs is not None else self.bm.match_prefix(seq)
             num_new = min(seq.num_tokens - len(hits) * self.bm.block_size, budget)
             if not self.bm.can_admit(seq, num_new, hits):
                 break
             self.waiting.popleft()
-            self.bm.admit(seq, hits)
+            seq.num_computed_tokens = self.bm.admit(seq, hits)
+            seq.num_cached_prompt_tokens = seq.num_computed_tokens
             self.bm.grow(seq, seq.num_computed_tokens + num_new)
             self.bm.commit_full_blocks(seq, seq.num_computed_tokens + num_new)
             seq.status = SequenceStatus.RUNNING
@@ -95,6 +98,16 @@ class Scheduler:
             budget -= num_new
         return batch
 
+    def on_step_done(self, batch: ScheduledBatch) -> int:
+        """The batch's tokens are in the KV cache now: advance each sequence (the only place that does).
+        -> how many of them were prompt tokens."""
+        prompt_tokens = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
+            seq.num_computed_tokens += n
+        return prompt_tokens
+
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence, wherever it is, and free its blocks."""
         if seq in self.running:
@@ -102,4 +115,5 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.bm.free(seq)
+        seq.num_computed_tokens = 0
         seq.status = SequenceStatus.FINISHED

@@ -8,6 +8,7 @@ import itertools
 
 import torch
 
+from stablelm_fast.outputs import RequestMetrics
 from stablelm_fast.sampling_params import SamplingParams
 from stablelm_fast.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -71,3 +72,19 @@ class Sequence:
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, tokens={self.num_tokens}, "
                 f"computed={self.num_computed_tokens}, status={self.status.value})")
+
+
+class Request:
+    """One request: its prompt, params and the n sequences it owns."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 seqs: list[Sequence], arrival_time: float) -> None:
+        self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
+        self.params, self.seqs = params, seqs
+        self.metrics = RequestMetrics(arrival_time=arrival_time)
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)

@@ -12,6 +12,7 @@ blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -22,6 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from stablelm_fast.engine.exceptions import EngineDeadError
+from stablelm_fast.engine.input_processor import ProcessedPrompt
 from stablelm_fast.outputs import RequestOutput
 from stablelm_fast.sampling_params import SamplingParams
 from stablelm_fast.server import tool_calls as tc
@@ -75,12 +78,13 @@ def _value_error(e: ValueError, default_param: str | None = None) -> APIError:
 class _Fanin:
     """Runs several engine requests concurrently; iterate for (index, RequestOutput) in arrival order."""
 
-    def __init__(self, engine: Any, jobs: list[tuple[dict, SamplingParams, str]]) -> None:
+    def __init__(self, engine: Any, jobs: list[tuple[ProcessedPrompt, SamplingParams, str]]) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending = len(jobs)
         self.tasks = [asyncio.create_task(self._run(i, engine, *job)) for i, job in enumerate(jobs)]
 
-    async def _run(self, index: int, engine: Any, prompt: dict, params: SamplingParams, request_id: str) -> None:
+    async def _run(self, index: int, engine: Any, prompt: ProcessedPrompt, params: SamplingParams,
+                   request_id: str) -> None:
         try:
             async for out in engine.generate(prompt, params, request_id=request_id):
                 self.queue.put_nowait((index, out))
@@ -110,7 +114,7 @@ class _Fanin:
 def _engine_error(e: BaseException) -> APIError:
     if isinstance(e, ValueError):
         return _value_error(e, "prompt")
-    if type(e).__name__ == "EngineDeadError":
+    if isinstance(e, EngineDeadError):
         return APIError(503, f"The engine is not running: {e}")
     logger.error("request failed in the engine: %r", e)
     return APIError(500, f"The engine failed while serving this request: {e}")
@@ -184,7 +188,6 @@ def create_app(engine: Any, served_model_name: str | list[str] | None = None, ap
         names = list(served_model_name)
     tokenizer = engine.tokenizer
     max_model_len = int(engine.max_model_len)
-    vocab_size = getattr(getattr(engine, "config", None), "vocab_size", None)
 
     app = FastAPI(title="stablelm-fast", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -268,31 +271,13 @@ def create_app(engine: Any, served_model_name: str | list[str] | None = None, ap
         except ValueError as e:
             raise _value_error(e) from None
 
-    def prepare_prompt(prompt: str | list[int], params: SamplingParams, param: str) -> dict:
-        """Tokenize and check a prompt up front: 400 (with OpenAI's wording) if it cannot be served."""
-        if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt)
-            text: str | None = prompt
-        else:
-            ids, text = list(prompt), None
-        if not ids:
-            raise APIError(400, "The prompt is empty: at least one token is needed.", param)
-        if vocab_size is not None:
-            bad = [t for t in ids if not 0 <= t < vocab_size]
-            if bad:
-                raise APIError(400, f"Prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size}).", param)
-        wanted = params.max_tokens or 0
-        if len(ids) + max(wanted, 1) > max_model_len:
-            raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
-                                f"requested {len(ids) + wanted} tokens ({len(ids)} in the prompt, {wanted} for the "
-                                f"completion). Please reduce the length of the prompt or of max_tokens.", param)
-        check_fits = getattr(getattr(engine, "engine", None), "check_fits", None)
-        if check_fits is not None:
-            try:
-                check_fits(len(ids), params)
-            except ValueError as e:
-                raise APIError(400, str(e), param) from None
-        return {"prompt": text, "prompt_token_ids": ids}
+    def prepare_prompt(prompt: str | list[int], params: SamplingParams, param: str) -> ProcessedPrompt:
+        """Tokenize and check a prompt up front (the engine's input processor): 400 if it cannot be served."""
+        raw = prompt if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
+        try:
+            return engine.input_processor.process(raw, params)
+        except ValueError as e:
+            raise APIError(400, str(e), param) from None
 
     async def run_to_end(request: Request, fanin: _Fanin, n_jobs: int) -> list[RequestOutput] | None:
         """Collect the final outputs; a client disconnect aborts everything (and returns None)."""
@@ -394,13 +379,13 @@ def create_app(engine: Any, served_model_name: str | list[str] | None = None, ap
         inputs = [prepare_prompt(p, params, "prompt") for p in prompts]
         rid = random_id("cmpl")
         created = now()
-        jobs = [(inp, params, f"{rid}-{i}") for i, inp in enumerate(inputs)]
+        jobs = [(inp, inp.params, f"{rid}-{i}") for i, inp in enumerate(inputs)]
         n = params.n
 
-        def echo_text(inp: dict) -> str:
+        def echo_text(inp: ProcessedPrompt) -> str:
             if not req.echo:
                 return ""
-            return inp["prompt"] if inp["prompt"] is not None else tokenizer.decode(inp["prompt_token_ids"])
+            return inp.prompt if inp.prompt is not None else tokenizer.decode(inp.prompt_token_ids)
 
         if not req.stream:
             fanin = _Fanin(engine, jobs)
@@ -416,7 +401,7 @@ def create_app(engine: Any, served_model_name: str | list[str] | None = None, ap
                           if req.logprobs is not None else None)
                     choices.append({"index": p_index * n + c.index, "text": prefix + c.text, "logprobs": lp,
                                     "finish_reason": finish_reason(c.finish_reason), "stop_reason": c.stop_reason})
-            prompt_tokens = sum(len(i["prompt_token_ids"]) for i in inputs)
+            prompt_tokens = sum(len(i.prompt_token_ids) for i in inputs)
             return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
                                  "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
 
@@ -462,7 +447,7 @@ def create_app(engine: Any, served_model_name: str | list[str] | None = None, ap
                 yield "data: [DONE]\n\n"
                 return
             if include_usage:
-                prompt_tokens = sum(len(i["prompt_token_ids"]) for i in inputs)
+                prompt_tokens = sum(len(i.prompt_token_ids) for i in inputs)
                 yield chunk([], usage(prompt_tokens, sum(completion_tokens.values())))
             yield "data: [DONE]\n\n"
 
@@ -499,12 +484,11 @@ def create_app(engine: Any, served_model_name: str | list[str] | None = None, ap
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
         ids = tokenizer.encode(text, add_special_tokens=False)
-        inp = prepare_prompt(ids, params, "messages")
-        inp["prompt"] = text
+        inp = dataclasses.replace(prepare_prompt(ids, params, "messages"), prompt=text)
         rid = random_id("chatcmpl")
         created = now()
         parse_tools = bool(tools)
-        fanin = _Fanin(engine, [(inp, params, rid)])
+        fanin = _Fanin(engine, [(inp, inp.params, rid)])
 
         if not req.stream:
             finals = await run_to_end(request, fanin, 1)
