@@ -111,9 +111,11 @@ def topk_kl(ref: dict[str, torch.Tensor], run: dict[str, torch.Tensor]) -> torch
 
 
 def run_engine(model: str, windows: list[list[int]], k: int, engine_kwargs: dict) -> tuple[dict, float]:
+    """Score every window in one generate() call; engine_kwargs["resolved"] is set to the dtype/backend used."""
     from stablelm_fast import LLM, SamplingParams
 
     llm = LLM(model, **engine_kwargs)
+    engine_kwargs["resolved"] = f"{str(llm.engine.dtype).replace('torch.', '')}/{llm.engine.backend}"
     try:
         params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=k)
         start = time.perf_counter()
@@ -165,14 +167,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.load_ref:
         from safetensors.torch import load_file
         ref, ref_s = load_file(args.load_ref), float("nan")
+        ref_kwargs = {"loaded": args.load_ref}
         if ref["actual"].numel() != n_pos:
             raise ValueError(f"{args.load_ref} scores {ref['actual'].numel()} positions, this text has {n_pos}")
     else:
-        ref, ref_s = run_engine(args.model, windows, args.top_k, ref_kwargs)
+        ref, ref_s = run_engine(args.model, windows, args.top_k, ref_kwargs)  # adds ref_kwargs["resolved"]
     if args.save_ref:
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in ref.items()}, args.save_ref)
-    run, run_s = run_engine(args.model, windows, args.top_k, run_kwargs)
+    run, run_s = run_engine(args.model, windows, args.top_k, run_kwargs)  # adds run_kwargs["resolved"]
     kl = topk_kl(ref, run)
     top1 = (ref["top_ids"][:, 0] == run["top_ids"][:, 0]).double().mean().item()
     res = {"model": args.model, "windows": len(windows), "positions": n_pos, "top_k": args.top_k,
