@@ -63,7 +63,7 @@ def _as_float(value) -> float:
 
 def records_from_outputs(windows: list[list[int]], outputs, k: int) -> dict[str, torch.Tensor]:
     """Per scored position: the actual token's logprob, and the top-k (ids, logprobs) sorted by logprob."""
-    actual, ids, lps = [], [], []
+    actual, ids, lps, tokens = [], [], [], []
     for win, out in zip(windows, outputs):
         plp = out.prompt_logprobs
         if plp is None or len(plp) != len(win):
@@ -74,12 +74,13 @@ def records_from_outputs(windows: list[list[int]], outputs, k: int) -> dict[str,
             if win[pos] not in entry:
                 raise ValueError(f"prompt_logprobs[{pos}] lacks the actual token {win[pos]}")
             actual.append(entry[win[pos]])
+            tokens.append(win[pos])
             top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
             top += [(-1, -math.inf)] * (k - len(top))  # the actual token may be the only entry when k is 0
             ids.append([t for t, _ in top])
             lps.append([v for _, v in top])
     return {"actual": torch.tensor(actual, dtype=torch.float64), "top_ids": torch.tensor(ids, dtype=torch.int64),
-            "top_logprobs": torch.tensor(lps, dtype=torch.float64)}
+            "top_logprobs": torch.tensor(lps, dtype=torch.float64), "tokens": torch.tensor(tokens, dtype=torch.int64)}
 
 
 def perplexity(records: dict[str, torch.Tensor]) -> float:
@@ -126,6 +127,17 @@ def run_engine(model: str, windows: list[list[int]], k: int, engine_kwargs: dict
     return records_from_outputs(windows, outs, k), elapsed
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def parse_engine_args(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
@@ -168,8 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
         from safetensors.torch import load_file
         ref, ref_s = load_file(args.load_ref), float("nan")
         ref_kwargs = {"loaded": args.load_ref}
-        if ref["actual"].numel() != n_pos:
-            raise ValueError(f"{args.load_ref} scores {ref['actual'].numel()} positions, this text has {n_pos}")
+        scored = torch.tensor([t for w in windows for t in w[1:]], dtype=torch.int64)
+        if not torch.equal(ref["tokens"], scored):
+            raise ValueError(f"{args.load_ref} scored other tokens than this text ({ref['tokens'].numel()} vs "
+                             f"{scored.numel()}): use the same model, --window and --max-windows")
     else:
         ref, ref_s = run_engine(args.model, windows, args.top_k, ref_kwargs)  # adds ref_kwargs["resolved"]
     if args.save_ref:
@@ -181,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"model": args.model, "windows": len(windows), "positions": n_pos, "top_k": args.top_k,
            "ref": ref_kwargs, "run": run_kwargs, "ref_perplexity": perplexity(ref), "run_perplexity": perplexity(run),
            "kl_mean": kl.mean().item(), "kl_p99": kl.quantile(0.99).item() if kl.numel() else 0.0,
-           "top1_agreement": top1, "ref_s": ref_s, "run_s": run_s, "machine": platform.processor() or platform.machine(),
+           "top1_agreement": top1, "ref_s": ref_s, "run_s": run_s, "machine": cpu_name(),
            "threads": torch.get_num_threads()}
     print(f"held-out text: {len(windows)} windows, {n_pos} scored tokens, prompt_logprobs k={args.top_k}; "
           f"{res['threads']} threads, {res['machine']}")

@@ -173,5 +173,7 @@ def test_quality_script_same_configuration_gives_zero_kl(tmp_path):
                   str(tmp_path / "ref.safetensors")])
     assert again["run_perplexity"] == res["ref_perplexity"] and again["kl_mean"] == 0
     assert json.loads(out.read_text())["positions"] == 256
+    with pytest.raises(ValueError, match="scored other tokens"):
+        main(["--max-windows", "2", "--load-ref", str(tmp_path / "ref.safetensors")])
     with pytest.raises(ValueError, match="engine-arg"):
         main(["--max-windows", "1", "--engine-arg", "nokey"])
