@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
            "threads": torch.get_num_threads()}
     print(f"held-out text: {len(windows)} windows, {n_pos} scored tokens, prompt_logprobs k={args.top_k}; "
           f"{res['threads']} threads, {res['machine']}")
-    print("| run | perplexity | KL(ref||run) mean | KL p99 | top-1 agreement | time s |")
+    print("| run | perplexity | KL(ref, run) mean | KL p99 | top-1 agreement | time s |")
     print("|---|---|---|---|---|---|")
     print(f"| reference {ref_kwargs} | {res['ref_perplexity']:.4f} | 0 | 0 | 1 | {ref_s:.2f} |")
     print(f"| run {run_kwargs} | {res['run_perplexity']:.4f} | {res['kl_mean']:.3e} | {res['kl_p99']:.3e} | "

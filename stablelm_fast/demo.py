@@ -23,12 +23,13 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise SystemExit(f"no model at {model_dir!r} (expected an HF StableLM folder)")
     llm = LLM(model_dir)
-    params = SamplingParams(temperature=0, max_tokens=64)
+    # low temperature, seeded (the same text every run): greedy decoding of a model this small loops on one line
+    params = SamplingParams(temperature=0.4, top_p=0.9, repetition_penalty=1.1, max_tokens=64, seed=0)
     llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=2))  # warm-up: first-call costs not timed
     start = time.perf_counter()
     outs = llm.generate(PROMPTS, params)
     elapsed = time.perf_counter() - start
-    print(f"model: {model_dir}  dtype={llm.engine.dtype}  backend={llm.engine.backend}  (greedy, 64 tokens max)")
+    print(f"model: {model_dir}  dtype={llm.engine.dtype}  backend={llm.engine.backend}  (temperature 0.4, seed 0, 64 tokens max)")
     for out in outs:
         print("-" * 72)
         print(out.prompt + out.outputs[0].text)

@@ -103,8 +103,8 @@ def lr_at(step: int, args) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=360)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--max-positions", type=int, default=1024, help="config max_position_embeddings")
     p.add_argument("--vocab", type=int, default=4096)
