@@ -150,8 +150,12 @@ def paged_attention(
     if max_seqlen_q <= 0:
         return out
     BLOCK_D = triton.next_power_of_2(D)
-    BLOCK_M = block_m or (64 if BLOCK_D <= 128 else 32)  # D=256-padded tiles: smaller M to stay in registers
-    BLOCK_N = block_n or 32
+    # Tiles that stay in registers (no ptxas spills on sm_80 / sm_90, checked by gpu/aot_compile.py): D=256-padded
+    # tiles take a smaller M; fp32 (upcast, ieee tl.dot) tiles take M=32 over 8 warps, and N=16 at D=256.
+    wide = q.dtype == torch.float32
+    BLOCK_M = block_m or (32 if wide or BLOCK_D > 128 else 64)
+    BLOCK_N = block_n or (16 if wide and BLOCK_D > 128 else 32)
+    num_warps = 8 if wide else 4
     grid = (triton.cdiv(max_seqlen_q, BLOCK_M), B, Hq)
     paged_attention_prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
@@ -162,6 +166,6 @@ def paged_attention(
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
         UPCAST_DOT=upcast_dot(q.dtype),
-        num_warps=4,
+        num_warps=num_warps,
     )
     return out
