@@ -146,8 +146,8 @@ def paged_attention(
         k = gather_kv(k_cache, block_tables[b], ctx).float().repeat_interleave(group, dim=1)  # [ctx, Hq, D]
         v = gather_kv(v_cache, block_tables[b], ctx).float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", qb, k) * scale
-        q_pos = torch.arange(ctx - q_len, ctx)[:, None]
-        mask = torch.arange(ctx)[None, :] > q_pos  # [q_len, ctx]
+        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+        mask = torch.arange(ctx, device=q.device)[None, :] > q_pos  # [q_len, ctx] (on q's device: CUDA too)
         scores.masked_fill_(mask[None], float("-inf"))
         probs = scores.softmax(dim=-1)
         out[cu[b] : cu[b + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
