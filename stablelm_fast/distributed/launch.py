@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--output-json", default=None,
+                   help="also write [{prompt, text, token_ids}] of every completion to this file (driver only)")
     return p
 
 
@@ -95,8 +98,13 @@ def run_driver(args: argparse.Namespace) -> None:
               seed=args.seed)
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
-        for out in llm.generate(prompts, params) if prompts else []:
+        outs = llm.generate(prompts, params) if prompts else []
+        for out in outs:
             print(f"{out.prompt!r} -> {out.outputs[0].text!r}", flush=True)
+        if args.output_json:
+            with open(args.output_json, "w", encoding="utf-8") as f:
+                json.dump([{"prompt": o.prompt, "text": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids)}
+                           for o in outs], f)
     finally:
         llm.shutdown()  # STOP to every rank
 
