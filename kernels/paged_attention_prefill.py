@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from stablelm_fast.kernels._common import upcast_dot
+from stablelm_fast.kernels._common import host_value_once, upcast_dot
 
 from stablelm_fast.kernels.paged_attention_decode import check_paged_kv
 
@@ -127,7 +127,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal paged varlen attention. Returns [T, Hq, D] in q.dtype.
 
-    max_seqlen_q: the longest q_len, if the caller knows it (avoids a device->host sync to size the grid).
+    max_seqlen_q: the longest q_len, if the caller knows it; else read from cu_seqlens_q once per tensor (a
+    device->host sync per step instead of per layer).
     block_m / block_n: tile sizes (tests use 16; tl.dot needs >= 16).
     """
     check_paged_kv(q, k_cache, v_cache, block_tables)
@@ -145,8 +146,8 @@ def paged_attention(
     out = torch.empty_like(q)
     if T == 0 or B == 0:
         return out
-    if max_seqlen_q is None:
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+    if max_seqlen_q is None:  # one device->host read per step, not per layer (same cu_seqlens_q tensor)
+        max_seqlen_q = host_value_once("max_seqlen_q", cu_seqlens_q, lambda cu: (cu[1:] - cu[:-1]).max().item())
     if max_seqlen_q <= 0:
         return out
     BLOCK_D = triton.next_power_of_2(D)

@@ -20,6 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from stablelm_fast.kernels._common import host_value_once
 from stablelm_fast.kernels.add_layernorm import add_layernorm, layernorm  # noqa: F401
 from stablelm_fast.kernels.paged_attention_decode import paged_attention_decode as _triton_paged_attention_decode
 from stablelm_fast.kernels.paged_attention_prefill import paged_attention as _triton_paged_attention
@@ -76,8 +77,9 @@ def paged_attention(
 
         # Paged K/V: k and v are the whole caches, cu_seqlens_k the cumulative context lengths.
         cu_seqlens_k = F.pad(torch.cumsum(context_lens, 0, dtype=torch.int32), (1, 0))
-        max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
-        max_k = int(context_lens.max().item())
+        # one device->host read per step for each, not per layer (every layer passes the same tensors)
+        max_q = host_value_once("max_seqlen_q", cu_seqlens_q, lambda cu: (cu[1:] - cu[:-1]).max().item())
+        max_k = host_value_once("max_seqlen_k", context_lens, lambda c: c.max().item())
         return flash_attn_varlen_func(
             q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
             softmax_scale=scale, causal=True, block_table=block_tables,
