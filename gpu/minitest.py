@@ -144,6 +144,14 @@ class _Fixtures:
         return self._hf
 
 
+def _write(path: str, results: list[dict]) -> None:
+    counts = {k: sum(r["outcome"] == k for r in results) for k in
+              ("passed", "failed", "skipped", "not run", "collected")}
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"counts": counts, "results": results}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def run(paths: list[str], json_path: str | None, deadline_s: float, collect_only: bool = False,
         select: str | None = None) -> int:
     try:
@@ -205,13 +213,14 @@ def run(paths: list[str], json_path: str | None, deadline_s: float, collect_only
                         mp.undo()
                 res["seconds"] = round(time.monotonic() - t0, 2)
                 results.append(res)
+                if json_path and not collect_only:  # after every test: a killed run keeps what it did
+                    _write(json_path, results)
     counts = {k: sum(r["outcome"] == k for r in results) for k in
               ("passed", "failed", "skipped", "not run", "collected")}
     print("minitest: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) +
           f" in {time.monotonic() - t_start:.1f} s", flush=True)
     if json_path:
-        with open(json_path, "w", encoding="utf-8") as f:
-            json.dump({"counts": counts, "results": results}, f, indent=1)
+        _write(json_path, results)
     return 1 if counts["failed"] or counts["not run"] else 0
 
 
