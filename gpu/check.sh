@@ -19,6 +19,9 @@ RES="${OUT:-$ROOT/gpu/results/$(date -u +%Y%m%d-%H%M%S)}"
 T0=$(date +%s)
 step() { echo "[gpu-check +$(( $(date +%s) - T0 ))s] $*"; }
 
+# No pip install here: the Triton kernels are importable as stablelm_fast.kernels through the same link a
+# development checkout uses (pyproject's package-dir maps it when installed).
+[ -e stablelm_fast/kernels ] || ln -s ../kernels stablelm_fast/kernels
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "gpu-check: $PY cannot import torch: not a GPU environment, nothing to check (exit 0). Set PY=<python>."
   exit 0
