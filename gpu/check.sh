@@ -22,7 +22,8 @@ step() { echo "[gpu-check +$(( $(date +%s) - T0 ))s] $*"; }
 # No pip install here: the Triton kernels are importable as stablelm_fast.kernels through the same link a
 # development checkout uses (pyproject's package-dir maps it when installed).
 [ -e stablelm_fast/kernels ] || ln -s ../kernels stablelm_fast/kernels
-if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+eval "$("$PY" -m gpu.detect --shell 2>/dev/null)" || { echo "gpu-check: cannot run $PY"; exit 1; }
+if [ -z "${SLF_TORCH:-}" ]; then
   echo "gpu-check: $PY cannot import torch: not a GPU environment, nothing to check (exit 0). Set PY=<python>."
   exit 0
 fi
@@ -43,8 +44,7 @@ EOF
 IMPORT_RC=$?
 cat "$IMPORT_LOG"
 
-eval "$("$PY" -m gpu.detect --shell)" || { echo "gpu-check: cannot import torch with $PY"; exit 1; }
-DETECT="$("$PY" -m gpu.detect)"
+DETECT="$SLF_LINE"
 echo "$DETECT"
 if [ -z "$SLF_GPU" ]; then
   rm -f "$IMPORT_LOG"

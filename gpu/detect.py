@@ -28,17 +28,26 @@ def detect() -> dict:
 
 
 def main(argv: list[str]) -> int:
-    info = detect()
+    try:
+        info = detect()
+    except ImportError as e:  # this python has no torch
+        info = {"torch": "", "gpu": "", "line": f"no torch in {sys.executable}: {e}"}
+    else:
+        info["line"] = describe(info)
     if "--shell" in argv:
         print("\n".join(f"SLF_{k.upper()}={shlex.quote(v)}" for k, v in info.items()))
-        return 0
+    else:
+        print(info["line"])
+    return 0
+
+
+def describe(info: dict) -> str:
     why = ("CUDA kernels will be built" if info["build_cuda"] == "1" else
            "CUDA kernels will NOT be built: " + ("torch is a CPU build" if not info["torch_cuda"] else
                                                   "nvcc not found (CUDA_HOME/bin/nvcc)"))
-    print(f"torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'}); GPU: {info['gpu'] or 'none'}"
-          f"{' sm_' + info['capability'].replace('.', '') if info['gpu'] else ''}; "
-          f"nvcc: {info['nvcc'] or 'none'}; {why}")
-    return 0
+    return (f"torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'}); GPU: {info['gpu'] or 'none'}"
+            f"{' sm_' + info['capability'].replace('.', '') if info['gpu'] else ''}; "
+            f"nvcc: {info['nvcc'] or 'none'}; {why}")
 
 
 if __name__ == "__main__":
