@@ -16,8 +16,8 @@ HEADS = [(64, 2, 2, 16), (80, 4, 1, 8), (160, 4, 2, 16)]
 @pytest.mark.parametrize("head_dim,hq,hkv,block_size", HEADS)
 def test_paged_attention_decode(backend, dtype, batch, head_dim, hq, hkv, block_size):
     skip_unsupported(backend, dtype, batch, max_interpreted_tokens=8)
-    if batch > 100 and backend == "torch":
-        pytest.skip("the reference loops over sequences in Python; 83 covers it")
+    if batch > 100 and head_dim != 64:
+        pytest.skip("the reference loops over sequences in Python: 1031 sequences at one head size")
     g = torch.Generator().manual_seed(batch + head_dim)
     ctxs = torch.randint(1, 70, (batch,), generator=g).tolist()
     k, v, tables = paged_kv(ctxs, hkv, head_dim, block_size, dtype, g)
