@@ -21,6 +21,7 @@ from stablelm_fast.engine.kv_cache import default_num_blocks
 from stablelm_fast.engine.output_processor import OutputProcessor
 from stablelm_fast.engine.scheduler import Scheduler
 from stablelm_fast.engine.sequence import Request, Sequence
+from stablelm_fast.engine.spec_decode import SpeculativeConfig, ngram_propose, verify
 from stablelm_fast.engine.step_input import prepare_step
 from stablelm_fast.layers.sampler import Sampler, SamplingRow
 from stablelm_fast.ops import resolve_backend
@@ -45,6 +46,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     backend: str = "auto"
     seed: int = 0
+    speculative_config: dict | None = None  # vLLM's: {"method": "ngram", "num_speculative_tokens": k, ...}
 
     def validate(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -84,7 +86,9 @@ class LLMEngine:
         self.executor.enable_cuda_graphs(args.max_num_seqs, -(-self.max_model_len // args.block_size))
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         max_batched = args.max_num_batched_tokens or max(self.max_model_len, 2048)
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched)
+        self.spec_config = SpeculativeConfig.from_dict(args.speculative_config)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched,
+                                   propose=self._propose if self.spec_config is not None else None)
         self.input_processor = InputProcessor(self.tokenizer, self.config.vocab_size, self.max_model_len,
                                               args.block_size, num_blocks)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len, self.scheduler)
@@ -93,6 +97,7 @@ class LLMEngine:
         self._next_id = 0
         self.num_steps = 0
         self.num_prompt_tokens_computed = 0
+        self.num_spec_proposed = self.num_spec_accepted = 0  # draft tokens (speculative decoding)
         torch.manual_seed(args.seed)
 
     # ---- requests --------------------------------------------------------------------------------------------------
@@ -151,14 +156,32 @@ class LLMEngine:
             out.append_prompt_logprobs(self.requests[seq.request_id], seq, first_pos,
                                        logits[first_row: first_row + count])
         if step.sample_seqs:
-            seqs = [batch.seqs[i] for i in step.sample_seqs]
-            rows = [SamplingRow(s.params, s.token_ids[: s.num_prompt_tokens], s.output_token_ids, s.generator,
-                                out.banned_token_ids(s.params)) for s in seqs]
-            tokens, logprobs = self.sampler(logits[logits.shape[0] - len(seqs):], rows)
+            sample_logits = logits[logits.shape[0] - sum(step.sample_rows):]
+            offsets = [sum(step.sample_rows[:k]) for k in range(len(step.sample_rows))]
+            plain = [k for k, n in enumerate(step.sample_rows) if n == 1]
+            emitted: dict[int, tuple[list[int], list]] = {}
+            if plain:  # one batched draw for every sequence without drafts
+                seqs = [batch.seqs[step.sample_seqs[k]] for k in plain]
+                rows = [self._sampling_row(s) for s in seqs]
+                tokens, lps = self.sampler(sample_logits[[offsets[k] for k in plain]], rows)
+                emitted.update({k: ([t], [lp]) for k, t, lp in zip(plain, tokens, lps)})
+            for k, n in enumerate(step.sample_rows):
+                if n > 1:  # drafts: verify them against the target's rows
+                    seq = batch.seqs[step.sample_seqs[k]]
+                    drafts = seq.spec_token_ids
+                    rows = [self._sampling_row(seq, drafts[:j]) for j in range(n)]
+                    emitted[k] = verify(self.sampler, sample_logits[offsets[k]: offsets[k] + n], rows, drafts)
+                    self.num_spec_proposed += len(drafts)
+                    self.num_spec_accepted += len(emitted[k][0]) - 1
+                    self.scheduler.on_spec_verified(seq, len(emitted[k][0]) - 1)
             now = time.monotonic()
-            for seq, token, lp in zip(seqs, tokens, logprobs):
+            for k in range(len(step.sample_seqs)):
+                seq = batch.seqs[step.sample_seqs[k]]
                 req = self.requests[seq.request_id]
-                out.append_token(req, seq, token, lp, now)
+                for token, lp in zip(*emitted[k]):
+                    if seq.is_finished:  # a stop inside the accepted drafts: the rest is dropped
+                        break
+                    out.append_token(req, seq, token, lp, now)
                 touched[seq.request_id] = req
         outputs = []
         for req in touched.values():
@@ -166,6 +189,23 @@ class LLMEngine:
             if req.finished:
                 self.requests.pop(req.request_id, None)
         return outputs
+
+    def _sampling_row(self, seq: Sequence, drafts: list[int] | None = None) -> SamplingRow:
+        """What the sampler needs of seq; drafts: the accepted tokens before this row (speculative verification)."""
+        out = seq.output_token_ids + (drafts or [])
+        return SamplingRow(seq.params, seq.token_ids[: seq.num_prompt_tokens], out, seq.generator,
+                           self.output_processor.banned_token_ids(seq.params))
+
+    def _propose(self, seq: Sequence, num_running: int) -> list[int]:
+        """n-gram drafts for a decoding sequence, within max_tokens and max_model_len (none in a large batch)."""
+        cfg = self.spec_config
+        if cfg.disable_by_batch_size is not None and num_running > cfg.disable_by_batch_size:
+            return []
+        room = min(self.max_model_len - seq.num_tokens, (seq.params.max_tokens or 0) - seq.num_output_tokens) - 1
+        if room < 1:
+            return []
+        return ngram_propose(seq.token_ids, min(cfg.num_speculative_tokens, room), cfg.prompt_lookup_min,
+                             cfg.prompt_lookup_max)
 
     def shutdown(self) -> None:
         self.executor.shutdown()
