@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -24,6 +25,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # logprob of each prompt token (and the top-k) in RequestOutput.prompt_logprobs
     skip_special_tokens: bool = True
+    # constrained decoding (vLLM's name): a StructuredOutputsParams, or a dict of its fields
+    structured_outputs: Any = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +85,9 @@ class SamplingParams:
             raise bad("ignore_eos", "must be a bool")
         if not isinstance(self.skip_special_tokens, bool):
             raise bad("skip_special_tokens", "must be a bool")
+        if self.structured_outputs is not None:
+            from stablelm_fast.structured_outputs import StructuredOutputsParams
+            self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
 
     @property
     def greedy(self) -> bool:

@@ -9,6 +9,7 @@ OutputProcessor (detokenize, stops, RequestOutputs).
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from stablelm_fast.layers.sampler import Sampler, SamplingRow
 from stablelm_fast.ops import resolve_backend
 from stablelm_fast.outputs import RequestOutput
 from stablelm_fast.sampling_params import SamplingParams
+from stablelm_fast.structured_outputs import StructuredOutputManager
 from stablelm_fast.tokenizer import Tokenizer
 
 
@@ -89,8 +91,10 @@ class LLMEngine:
         self.spec_config = SpeculativeConfig.from_dict(args.speculative_config)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched,
                                    propose=self._propose if self.spec_config is not None else None)
+        self.structured = StructuredOutputManager(self.tokenizer, self.config.vocab_size)
         self.input_processor = InputProcessor(self.tokenizer, self.config.vocab_size, self.max_model_len,
-                                              args.block_size, num_blocks)
+                                              args.block_size, num_blocks, self.structured)
+        self._mask_pool: ThreadPoolExecutor | None = None  # structured-output masks, computed during the step
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len, self.scheduler)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
@@ -116,6 +120,8 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already running")
         now = arrival_time or time.monotonic()
         seqs = [Sequence(request_id, i, ids, params, self.tokenizer, now) for i in range(params.n)]
+        for seq in seqs:
+            seq.matcher = self.structured.matcher(prompt.grammar) if prompt.grammar is not None else None
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, now)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -141,6 +147,7 @@ class LLMEngine:
         if batch.is_empty:
             return []
         step = prepare_step(batch, self.block_manager.block_size)
+        masks = self._start_masks([batch.seqs[i] for i in step.sample_seqs])
         try:
             logits = self.executor.execute(step)
         except Exception:
@@ -149,6 +156,7 @@ class LLMEngine:
             raise
         self.num_steps += 1
         self.num_prompt_tokens_computed += self.scheduler.on_step_done(batch)
+        allowed = masks.result() if masks is not None else {}
         touched: dict[str, Request] = {}
         out = self.output_processor
         for i, first_row, count, first_pos in step.prompt_logprob_rows:
@@ -162,7 +170,7 @@ class LLMEngine:
             emitted: dict[int, tuple[list[int], list]] = {}
             if plain:  # one batched draw for every sequence without drafts
                 seqs = [batch.seqs[step.sample_seqs[k]] for k in plain]
-                rows = [self._sampling_row(s) for s in seqs]
+                rows = [self._sampling_row(s, allowed=allowed.get(s.seq_id)) for s in seqs]
                 tokens, lps = self.sampler(sample_logits[[offsets[k] for k in plain]], rows)
                 emitted.update({k: ([t], [lp]) for k, t, lp in zip(plain, tokens, lps)})
             for k, n in enumerate(step.sample_rows):
@@ -190,11 +198,26 @@ class LLMEngine:
                 self.requests.pop(req.request_id, None)
         return outputs
 
-    def _sampling_row(self, seq: Sequence, drafts: list[int] | None = None) -> SamplingRow:
-        """What the sampler needs of seq; drafts: the accepted tokens before this row (speculative verification)."""
+    def _sampling_row(self, seq: Sequence, drafts: list[int] | None = None,
+                      allowed: torch.Tensor | None = None) -> SamplingRow:
+        """What the sampler needs of seq; drafts: the accepted tokens before this row (speculative verification);
+        allowed: the structured-output mask."""
         out = seq.output_token_ids + (drafts or [])
         return SamplingRow(seq.params, seq.token_ids[: seq.num_prompt_tokens], out, seq.generator,
-                           self.output_processor.banned_token_ids(seq.params))
+                           self.output_processor.banned_token_ids(seq.params), allowed)
+
+    def _start_masks(self, seqs: list[Sequence]) -> Future | None:
+        """Structured outputs: each sampling sequence's allowed tokens, computed in a thread while the model runs."""
+        constrained = [s for s in seqs if s.matcher is not None]
+        if not constrained:
+            return None
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stablelm-fast-grammar")
+
+        def compute() -> dict[int, torch.Tensor]:
+            masks = self.structured.allowed_masks([s.matcher for s in constrained])
+            return {s.seq_id: m for s, m in zip(constrained, masks)}
+        return self._mask_pool.submit(compute)
 
     def _propose(self, seq: Sequence, num_running: int) -> list[int]:
         """n-gram drafts for a decoding sequence, within max_tokens and max_model_len (none in a large batch)."""
@@ -202,10 +225,12 @@ class LLMEngine:
         if cfg.disable_by_batch_size is not None and num_running > cfg.disable_by_batch_size:
             return []
         room = min(self.max_model_len - seq.num_tokens, (seq.params.max_tokens or 0) - seq.num_output_tokens) - 1
-        if room < 1:
+        if room < 1 or seq.matcher is not None:  # no drafts under a grammar
             return []
         return ngram_propose(seq.token_ids, min(cfg.num_speculative_tokens, room), cfg.prompt_lookup_min,
                              cfg.prompt_lookup_max)
 
     def shutdown(self) -> None:
+        if self._mask_pool is not None:
+            self._mask_pool.shutdown(wait=False)
         self.executor.shutdown()

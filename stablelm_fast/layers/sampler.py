@@ -22,6 +22,7 @@ class SamplingRow:
     output_token_ids: list[int]
     generator: torch.Generator | None
     banned_token_ids: list[int]  # masked while fewer than min_tokens are out (eos and stop ids)
+    allowed: torch.Tensor | None = None  # [vocab] bool: the only tokens it may sample (structured outputs)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -76,8 +77,13 @@ class Sampler:
         """The logits every later step reads: min_tokens bans and penalties applied (a copy)."""
         logits = logits.clone()
         for i, r in enumerate(rows):
+            if r.allowed is not None:
+                logits[i].masked_fill_(~r.allowed.to(logits.device), float("-inf"))
             if r.banned_token_ids and len(r.output_token_ids) < r.params.min_tokens:
+                kept = logits[i, r.banned_token_ids].clone()
                 logits[i, r.banned_token_ids] = float("-inf")
+                if r.allowed is not None and not bool(torch.isfinite(logits[i]).any()):
+                    logits[i, r.banned_token_ids] = kept  # the grammar allows only a stop: it wins over min_tokens
         if any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
                for r in rows):
             apply_penalties(logits, rows)
