@@ -166,4 +166,4 @@ def test_killed_worker_raises_and_leaves_no_process(tmp_path):
     finally:
         llm.shutdown()
     assert not _pid_exists(pid)
-    assert not any(p.is_alive() for p in executor._procs)
+    assert not any(p.is_alive() for p in executor.monitor.procs)

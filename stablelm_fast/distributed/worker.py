@@ -17,8 +17,10 @@ import threading
 
 import torch
 
-from stablelm_fast.distributed.executor import (CMD_ALLOC, CMD_STEP, CMD_STOP, HEADER_LEN, Comm, decode_step,
-                                                format_exception, set_cpu_threads)
+from stablelm_fast.config import resolve_device
+from stablelm_fast.distributed.comm import Comm, local_rank, local_world_size, set_cpu_threads
+from stablelm_fast.distributed.monitor import format_exception
+from stablelm_fast.distributed.protocol import CMD_ALLOC, CMD_STEP, CMD_STOP, HEADER_LEN, PAYLOAD_LEN, decode_step
 from stablelm_fast.engine.model_runner import ModelRunner
 
 
@@ -30,18 +32,12 @@ def worker_loop(runner: ModelRunner, comm: Comm) -> None:
         if cmd == CMD_STOP:
             return
         if cmd == CMD_STEP:
-            payload = torch.empty(int(header[HEADER_LEN - 1]), dtype=torch.int64)
+            payload = torch.empty(int(header[PAYLOAD_LEN]), dtype=torch.int64)
             comm.broadcast(payload)
             runner.execute(decode_step(header, payload))
-        elif cmd == CMD_ALLOC:
-            error = None
-            try:
-                runner.allocate_kv_cache(int(header[1]), int(header[2]))
-            except Exception as e:
-                error = e
-            comm.sum_flags(int(error is not None))
-            if error is not None:
-                raise error
+        elif cmd == CMD_ALLOC:  # the driver learns from the status all-reduce whether every rank succeeded
+            num_blocks, block_size = int(header[1]), int(header[2])
+            comm.run_counting_failures(lambda: runner.allocate_kv_cache(num_blocks, block_size))
         else:
             raise RuntimeError(f"unknown tensor-parallel command {cmd}")
 
@@ -108,25 +104,17 @@ def run_attached(model_dir: str, dtype: str = "auto", device: str = "auto", load
     rank, size = dist.get_rank(), dist.get_world_size()
     config = ModelConfig.from_pretrained(model_dir)
     # NOTE: resolved exactly as LLMEngine does on rank 0, so every rank builds the same model
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                       else ("cpu" if device == "auto" else device))
+    dev = resolve_device(device, local_rank())
     if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     torch_dtype = resolve_dtype(dtype, config, dev)
     backend = resolve_backend(backend, dev)
     comm = Comm(rank, size, dev)
     comm.connect_world()
-    set_cpu_threads(dev, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    error = None
-    try:
-        runner = ModelRunner(config, None if load_format == "dummy" else model_dir, load_format, torch_dtype, dev,
-                             backend, tp=comm.tp_info(), seed=seed)
-    except Exception as e:
-        error = e
-    failed = comm.sum_flags(int(error is not None))
-    if error is not None:
-        raise error
+    set_cpu_threads(dev, local_world_size())
+    runner, failed = comm.run_counting_failures(
+        lambda: ModelRunner(config, None if load_format == "dummy" else model_dir, load_format, torch_dtype, dev,
+                            backend, tp=comm.tp_info(), seed=seed))
     if failed:
         raise SystemExit(f"rank {rank}: {failed} rank(s) failed to load the model")
     worker_loop(runner, comm)
