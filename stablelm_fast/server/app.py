@@ -19,12 +19,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
+from stablelm_fast import __version__
 from stablelm_fast.server.engine_client import EngineClient, default_model_name
 from stablelm_fast.server.errors import APIError, add_exception_handlers, validation_error
-from stablelm_fast.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from stablelm_fast.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
+                                           ModelList, TokenizeChatRequest, TokenizeCompletionRequest,
+                                           find_unsupported)
 from stablelm_fast.server.serving import ServingContext
 from stablelm_fast.server.serving_chat import ServingChat
 from stablelm_fast.server.serving_completion import ServingCompletion
+from stablelm_fast.server.serving_tokenization import ServingTokenization
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -41,8 +45,24 @@ def check_auth(request: Request, api_key: str | None) -> None:
         raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.")
 
 
-async def read_json(request: Request, model: type[M], max_body_bytes: int) -> M:
-    """The body as `model`: 413 past max_body_bytes (checked while reading), 400 for bad JSON or bad fields."""
+MAX_JSON_DEPTH = 100
+
+
+def json_depth(value: object) -> int:
+    """How deeply lists / objects nest in a parsed JSON value (a scalar: 0), without recursion."""
+    depth, level = 0, [(value, 1)]
+    while level:
+        v, d = level.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is not None:
+            depth = max(depth, d)
+            level.extend((c, d + 1) for c in children)
+    return depth
+
+
+async def read_body(request: Request, max_body_bytes: int) -> dict:
+    """The body as a JSON object: 413 past max_body_bytes (checked while reading), 400 for anything that is not
+    plain JSON of sane shape (bad syntax, nesting deeper than MAX_JSON_DEPTH, integers with too many digits)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_body_bytes:
         raise APIError(413, f"The request body ({length} bytes) is larger than the limit ({max_body_bytes} bytes).")
@@ -54,14 +74,30 @@ async def read_json(request: Request, model: type[M], max_body_bytes: int) -> M:
         chunks.append(chunk)
     try:
         data = json.loads(b"".join(chunks) or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise APIError(400, f"The request body nests deeper than {MAX_JSON_DEPTH} levels.") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer past Python's digit limit
         raise APIError(400, f"The request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.")
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise APIError(400, f"The request body nests deeper than {MAX_JSON_DEPTH} levels.")
+    return data
+
+
+def parse_request(data: dict, model: type[M]) -> M:
+    """A body as `model`: 400 naming the first field that is unsupported (model.UNSUPPORTED) or invalid."""
+    name = find_unsupported(data, model.UNSUPPORTED)
+    if name is not None:
+        raise APIError(400, f"'{name}' is not supported yet (got {json.dumps(data[name])[:200]})", name)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise validation_error(e.errors()) from None
+
+
+async def read_json(request: Request, model: type[M], max_body_bytes: int) -> M:
+    return parse_request(await read_body(request, max_body_bytes), model)
 
 
 def create_app(engine: EngineClient, served_model_name: str | list[str] | None = None, api_key: str | None = None,
@@ -69,7 +105,8 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
     """An ASGI app serving `engine` (an AsyncLLM) with the OpenAI API; mount it in another app or run it as is.
 
     served_model_name: the name(s) requests must use in `model` (default: the model path the engine was made with);
-    api_key: if set, /v1/* requires `Authorization: Bearer <api_key>`; max_body_bytes: larger bodies get 413.
+    api_key: if set, /v1/*, /tokenize and /detokenize require `Authorization: Bearer <api_key>` (/health and /version
+    do not); max_body_bytes: larger bodies get 413.
     """
     model_path = default_model_name(engine)
     if served_model_name is None:
@@ -80,6 +117,7 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
         names = list(served_model_name)
     ctx = ServingContext(engine, names, model_path)
     serving_completion, serving_chat = ServingCompletion(ctx), ServingChat(ctx)
+    serving_tokenization = ServingTokenization(ctx)
 
     app = FastAPI(title="stablelm-fast", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -91,6 +129,10 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
         if not engine.is_running:
             return JSONResponse({"status": "dead"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": __version__})
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -109,5 +151,17 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
         check_auth(request, api_key)
         req = await read_json(request, ChatCompletionRequest, max_body_bytes)
         return await serving_chat.create(req, request.receive)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        check_auth(request, api_key)
+        data = await read_body(request, max_body_bytes)
+        model = TokenizeChatRequest if "messages" in data else TokenizeCompletionRequest
+        return await serving_tokenization.tokenize(parse_request(data, model))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        check_auth(request, api_key)
+        return await serving_tokenization.detokenize(await read_json(request, DetokenizeRequest, max_body_bytes))
 
     return app

@@ -14,6 +14,8 @@ from stablelm_fast.sampling_params import SamplingParams
 
 
 class ServerTokenizer(Protocol):
+    vocab_size: int
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...

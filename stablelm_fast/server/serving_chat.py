@@ -8,18 +8,37 @@ from typing import Any, AsyncIterator
 from fastapi.responses import JSONResponse, Response
 
 from stablelm_fast.server import tool_calls as tc
+from stablelm_fast.server.engine_client import ServerTokenizer
 from stablelm_fast.server.errors import APIError
-from stablelm_fast.server.protocol import ChatCompletionRequest, now, random_id
+from stablelm_fast.server.protocol import ChatCompletionRequest, TokenizeChatRequest, now, random_id
 from stablelm_fast.server.serving import Endpoint, chunk_body, finish_reason, usage
 from stablelm_fast.server.streaming import Fanin, Receive, SSEResponse, collect, sse, sse_events
+
+
+def render_chat(tokenizer: ServerTokenizer, req: ChatCompletionRequest | TokenizeChatRequest,
+                add_generation_prompt: bool = True) -> tuple[str, list[dict]]:
+    """A chat request's messages (with its tools, in the 12B's format) through the chat template -> (prompt text,
+    the tools shown to the model). 400 for a tool_choice naming no tool or messages the template refuses."""
+    tools_raw = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    try:
+        tools = tc.select_tools(tools_raw, req.tool_choice)
+    except ValueError as e:
+        raise APIError(400, str(e), "tool_choice") from None
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    for m, orig in zip(messages, req.messages):  # keep tool-call dumps ordered as given
+        if orig.tool_calls:
+            m["tool_calls"] = [c.model_dump() for c in orig.tool_calls]
+    try:
+        rendered = tc.render_messages(messages, tools)
+        return tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt), tools
+    except ValueError as e:
+        raise APIError(400, str(e), "messages") from None
 
 
 class ServingChat(Endpoint):
     async def create(self, req: ChatCompletionRequest, receive: Receive) -> Response:
         ctx = self.ctx
         model = ctx.begin(req.model)
-        if req.response_format and req.response_format.get("type") not in (None, "text"):
-            raise APIError(400, "response_format other than 'text' is not supported", "response_format")
         if req.top_logprobs is not None:
             if not req.logprobs:
                 raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
@@ -28,20 +47,7 @@ class ServingChat(Endpoint):
         top = req.top_logprobs or 0
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = ctx.make_params(req, max_tokens, top if req.logprobs else None)
-        tools_raw = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-        try:
-            tools = tc.select_tools(tools_raw, req.tool_choice)
-        except ValueError as e:
-            raise APIError(400, str(e), "tool_choice") from None
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        for m, orig in zip(messages, req.messages):  # keep tool-call dumps ordered as given
-            if orig.tool_calls:
-                m["tool_calls"] = [c.model_dump() for c in orig.tool_calls]
-        try:
-            rendered = tc.render_messages(messages, tools)
-            text = ctx.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
-        except ValueError as e:
-            raise APIError(400, str(e), "messages") from None
+        text, tools = render_chat(ctx.tokenizer, req)
         ids = ctx.tokenizer.encode(text, add_special_tokens=False)
         inp = dataclasses.replace(ctx.prepare_prompt(ids, params, "messages"), prompt=text)
         rid, created = random_id("chatcmpl"), now()

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse, Response
 
 from stablelm_fast.engine.input_processor import ProcessedPrompt
 from stablelm_fast.server.errors import APIError
-from stablelm_fast.server.protocol import CompletionRequest, now, random_id
+from stablelm_fast.server.protocol import MAX_PROMPTS, CompletionRequest, now, random_id
 from stablelm_fast.server.serving import Endpoint, chunk_body, finish_reason, usage
 from stablelm_fast.server.streaming import Fanin, Receive, SSEResponse, collect, sse, sse_events
 
@@ -36,6 +36,8 @@ class ServingCompletion(Endpoint):
         prompts = split_prompts(req.prompt)
         if not prompts:
             raise APIError(400, "prompt must not be empty", "prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise APIError(400, f"at most {MAX_PROMPTS} prompts per request; got {len(prompts)}", "prompt")
         inputs = [ctx.prepare_prompt(p, params, "prompt") for p in prompts]
         rid, created = random_id("cmpl"), now()
         jobs = [(inp, inp.params, f"{rid}-{i}") for i, inp in enumerate(inputs)]
