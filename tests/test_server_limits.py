@@ -2,6 +2,8 @@
 quick 400 naming the problem (never a 500), with ordinary requests served right after. In-process ASGI, tiny model."""
 
 import asyncio
+import json
+import os
 
 import httpx
 import openai
@@ -11,18 +13,25 @@ import stablelm_fast
 from stablelm_fast import AsyncLLM
 from stablelm_fast.server import create_app
 from stablelm_fast.server.protocol import MAX_N, MAX_PROMPTS
-from stablelm_fast.tiny import make_tiny_checkpoint
+from stablelm_fast.tiny import CHATML_TEMPLATE, make_tiny_checkpoint
 
 pytestmark = pytest.mark.xdist_group("server")
 
 MODEL, KEY = "m", "k"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]
+# ChatML with an optional variable, to see chat_template_kwargs reach the template
+TEMPLATE = "{% if greeting is defined %}{{ greeting + '\\n' }}{% endif %}" + CHATML_TEMPLATE
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     model_dir = make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-limits")), "stablelm-2-1_6b", seed=2)
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({**config, "chat_template": TEMPLATE}, f)
     engine = AsyncLLM(model_dir, dtype="float32", backend="torch")
     yield engine, create_app(engine, served_model_name=MODEL, api_key=KEY)
     engine.shutdown()
@@ -142,14 +151,14 @@ UNSUPPORTED = [("structured_outputs", {"json": {"type": "object"}}), ("guided_js
                ("guided_regex", "[a-z]+"), ("guided_choice", ["yes", "no"]), ("guided_grammar", "root ::= 'a'"),
                ("response_format", {"type": "json_object"}),
                ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-               ("include_stop_str_in_output", True), ("chat_template_kwargs", {"enable_thinking": False})]
+               ("include_stop_str_in_output", True), ("chat_template", "{{ messages }}")]
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_unsupported_fields_are_400_naming_them(served, path):
     base = {"model": MODEL, "max_tokens": 2}
     base.update({"messages": MESSAGES} if "chat" in path else {"prompt": "Hello"})
-    fields = [(f, v) for f, v in UNSUPPORTED if "chat" in path or f != "chat_template_kwargs"]
+    fields = [(f, v) for f, v in UNSUPPORTED if "chat" in path or f != "chat_template"]
     rs = _run(served[1], [("POST", path, {**base, f: v}) for f, v in fields])
     for (field, _), r in zip(fields, rs):
         _assert_400(r, field, field, "not supported")
@@ -171,3 +180,33 @@ def test_openai_client_response_format_json(served):
 
     err = asyncio.run(main())
     assert err.status_code == 400 and "response_format" in err.message and err.body["param"] == "response_format"
+
+
+def test_chat_template_options(served):
+    engine, app = served
+    tok = engine.tokenizer
+    turn = [*MESSAGES, {"role": "assistant", "content": "The answer is"}]
+    chat = {"model": MODEL, "max_tokens": 2, "ignore_eos": True}
+    rs = _run(app, [
+        ("POST", "/tokenize", {"messages": MESSAGES, "chat_template_kwargs": {"greeting": "Ahoy"}}),
+        ("POST", "/v1/chat/completions", {**chat, "messages": MESSAGES, "chat_template_kwargs": {"greeting": "Ahoy"}}),
+        ("POST", "/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}),
+        ("POST", "/tokenize", {"messages": turn, "add_generation_prompt": False, "continue_final_message": True}),
+        ("POST", "/v1/chat/completions", {**chat, "messages": turn, "add_generation_prompt": False,
+                                          "continue_final_message": True}),
+        ("POST", "/v1/chat/completions", {**chat, "messages": turn, "continue_final_message": True}),
+        ("POST", "/v1/chat/completions", {**chat, "messages": MESSAGES, "chat_template_kwargs": {"messages": []}}),
+    ])
+    greeted = tok.apply_chat_template(MESSAGES, greeting="Ahoy")
+    assert greeted.startswith("Ahoy\n<|im_start|>system")
+    assert rs[0].json()["tokens"] == tok.encode(greeted, add_special_tokens=False)
+    assert rs[1].status_code == 200 and rs[1].json()["usage"]["prompt_tokens"] == rs[0].json()["count"]
+    plain = tok.apply_chat_template(MESSAGES, add_generation_prompt=False)
+    assert rs[2].json()["tokens"] == tok.encode(plain, add_special_tokens=False)
+    # the last message is left open: no end-of-turn after it
+    continued = tok.apply_chat_template(turn, add_generation_prompt=False)
+    cut = continued[:continued.rindex("The answer is") + len("The answer is")]
+    assert cut != continued and rs[3].json()["tokens"] == tok.encode(cut, add_special_tokens=False)
+    assert rs[4].status_code == 200 and rs[4].json()["usage"]["prompt_tokens"] == rs[3].json()["count"]
+    _assert_400(rs[5], "continue_final_message", "add_generation_prompt")
+    _assert_400(rs[6], "chat_template_kwargs", "messages")

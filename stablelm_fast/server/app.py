@@ -4,9 +4,10 @@
     app = create_app(engine, served_model_name="stablelm", api_key="secret")
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-This module is the HTTP surface: auth, body reading, routes. The endpoints' logic is in serving_completion.py and
-serving_chat.py, sharing a ServingContext (serving.py); errors.py maps every failure to an OpenAI error body;
-streaming.py runs the engine requests and streams their outputs, aborting them when the client goes away.
+This module is the HTTP surface: auth, body reading, routes. The endpoints' logic is in serving_completion.py,
+serving_chat.py and serving_tokenization.py, sharing a ServingContext (serving.py); protocol.py holds the request
+bodies; errors.py maps every failure to an OpenAI error body; streaming.py runs the engine requests and streams their
+outputs, aborting them when the client goes away; engine_client.py declares what the server needs of an engine.
 """
 
 from __future__ import annotations

@@ -29,10 +29,7 @@ _UNSUPPORTED_COMMON: dict[str, tuple] = {
     "bad_words": (None, []), "use_beam_search": (None, False), "truncate_prompt_tokens": (None,),
     "return_tokens_as_token_ids": (None, False), "spaces_between_special_tokens": (None, True),
 }
-_UNSUPPORTED_CHAT_TEMPLATE: dict[str, tuple] = {
-    "chat_template": (None,), "chat_template_kwargs": (None, {}), "continue_final_message": (None, False),
-    "documents": (None,),
-}
+_UNSUPPORTED_CHAT_TEMPLATE: dict[str, tuple] = {"chat_template": (None,), "documents": (None,)}
 
 
 def random_id(prefix: str) -> str:
@@ -126,8 +123,16 @@ class ToolDef(_Request):
     function: FunctionDef
 
 
-class ChatCompletionRequest(_SamplingFields):
-    UNSUPPORTED = {**_UNSUPPORTED_COMMON, **_UNSUPPORTED_CHAT_TEMPLATE, "add_generation_prompt": (None, True),
+class _ChatTemplateFields(_Request):
+    """How the messages go through the chat template (vLLM's fields)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # leave the last message open: the model continues it
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template
+
+
+class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
+    UNSUPPORTED = {**_UNSUPPORTED_COMMON, **_UNSUPPORTED_CHAT_TEMPLATE,
                    "add_special_tokens": (None, False), "echo": (None, False), "functions": (None,),
                    "function_call": (None, "none", "auto"), "audio": (None,), "modalities": (None, ["text"]),
                    "prediction": (None,)}
@@ -149,12 +154,11 @@ class TokenizeCompletionRequest(_Request):
     return_token_strs: bool | None = False
 
 
-class TokenizeChatRequest(_Request):
+class TokenizeChatRequest(_ChatTemplateFields):
     UNSUPPORTED = _UNSUPPORTED_CHAT_TEMPLATE
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    add_generation_prompt: bool = True
     add_special_tokens: bool = False
     return_token_strs: bool | None = False
     tools: list[ToolDef] | None = None

@@ -15,10 +15,21 @@ from stablelm_fast.server.serving import Endpoint, chunk_body, finish_reason, us
 from stablelm_fast.server.streaming import Fanin, Receive, SSEResponse, collect, sse, sse_events
 
 
-def render_chat(tokenizer: ServerTokenizer, req: ChatCompletionRequest | TokenizeChatRequest,
-                add_generation_prompt: bool = True) -> tuple[str, list[dict]]:
+# variables the server itself hands the template: chat_template_kwargs may not replace them
+_TEMPLATE_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+
+
+def render_chat(tokenizer: ServerTokenizer, req: ChatCompletionRequest | TokenizeChatRequest) -> tuple[str, list[dict]]:
     """A chat request's messages (with its tools, in the 12B's format) through the chat template -> (prompt text,
-    the tools shown to the model). 400 for a tool_choice naming no tool or messages the template refuses."""
+    the tools shown to the model). With continue_final_message the text ends right after the last message's content
+    (no end-of-turn), so the model continues it. 400 for anything the request or the template refuses."""
+    kwargs = req.chat_template_kwargs or {}
+    clash = sorted(_TEMPLATE_RESERVED & set(kwargs))
+    if clash:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
+    if req.continue_final_message and req.add_generation_prompt:
+        raise APIError(400, "continue_final_message needs add_generation_prompt set to false",
+                       "continue_final_message")
     tools_raw = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
         tools = tc.select_tools(tools_raw, req.tool_choice)
@@ -30,9 +41,17 @@ def render_chat(tokenizer: ServerTokenizer, req: ChatCompletionRequest | Tokeniz
             m["tool_calls"] = [c.model_dump() for c in orig.tool_calls]
     try:
         rendered = tc.render_messages(messages, tools)
-        return tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt), tools
-    except ValueError as e:
+        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=req.add_generation_prompt, **kwargs)
+    except (ValueError, TypeError) as e:
         raise APIError(400, str(e), "messages") from None
+    if req.continue_final_message:
+        last = rendered[-1]["content"]
+        end = text.rfind(last) if last else -1
+        if end < 0:
+            raise APIError(400, "continue_final_message: the final message is empty or the chat template does not "
+                           "show its content", "continue_final_message")
+        text = text[:end + len(last)]
+    return text, tools
 
 
 class ServingChat(Endpoint):

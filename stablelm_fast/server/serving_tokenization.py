@@ -17,7 +17,7 @@ class ServingTokenization(Endpoint):
         ctx = self.ctx
         ctx.check_model(req.model)
         if isinstance(req, TokenizeChatRequest):
-            text, _ = render_chat(ctx.tokenizer, req, req.add_generation_prompt)
+            text, _ = render_chat(ctx.tokenizer, req)
         else:
             text = req.prompt
         ids = ctx.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
