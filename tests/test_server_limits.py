@@ -210,3 +210,50 @@ def test_chat_template_options(served):
     assert rs[4].status_code == 200 and rs[4].json()["usage"]["prompt_tokens"] == rs[3].json()["count"]
     _assert_400(rs[5], "continue_final_message", "add_generation_prompt")
     _assert_400(rs[6], "chat_template_kwargs", "messages")
+
+
+def test_several_api_keys(served):
+    engine, _ = served
+    app = create_app(engine, served_model_name=MODEL, api_key=["key-a", "key-b"])
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return [(await c.get("/v1/models", headers=h)).status_code
+                    for h in ({"Authorization": "Bearer key-a"}, {"x-api-key": "key-b"},
+                              {"Authorization": "Bearer key-c"}, {})]
+
+    assert asyncio.run(main()) == [200, 200, 401, 401]
+    with pytest.raises(ValueError, match="api_key"):
+        create_app(engine, api_key=["key-a", ""])
+
+
+def test_pending_cap_turns_a_flood_away(served):
+    """Past max_pending_seqs a request gets 503 with Retry-After at once; once the engine is free again, 200."""
+    engine, _ = served
+    app = create_app(engine, served_model_name=MODEL, max_pending_seqs=2)
+    ctx = app.state.serving
+    long = {"model": MODEL, "prompt": "A paged KV cache", "max_tokens": 200, "ignore_eos": True, "n": 2}
+
+    async def main():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as c:
+            first = asyncio.create_task(c.post("/v1/completions", json=long))
+            while ctx.pending_seqs == 0:  # admitted (synchronously, before its engine requests start)
+                assert not first.done(), first.result().text
+                await asyncio.sleep(0.01)
+            busy = await c.post("/v1/completions", json=ORDINARY[2])
+            busy_stream = await c.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES,
+                                                                     "stream": True, "max_tokens": 2})
+            too_big = await c.post("/v1/completions", json={**ORDINARY[2], "n": 3})
+            done = await first
+            after = await c.post("/v1/completions", json=ORDINARY[2])
+            return busy, busy_stream, too_big, done, after
+
+    busy, busy_stream, too_big, done, after = asyncio.run(main())
+    for r in (busy, busy_stream):
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["error"]["message"]
+    _assert_400(too_big, "n", "at most 2")
+    assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 400
+    assert after.status_code == 200 and ctx.pending_seqs == 0
+    with pytest.raises(ValueError, match="max_pending_seqs"):
+        create_app(engine, max_pending_seqs=0)

@@ -36,13 +36,15 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 M = TypeVar("M", bound=BaseModel)
 
 
-def check_auth(request: Request, api_key: str | None) -> None:
-    """401 unless the request carries `Authorization: Bearer <api_key>` (or `x-api-key`); no-op without a key."""
-    if api_key is None:
+def check_auth(request: Request, api_keys: list[str]) -> None:
+    """401 unless the request carries `Authorization: Bearer <key>` (or `x-api-key`) with one of the keys; no-op
+    without keys. Every key is compared (in constant time), so the time taken does not tell which one was close."""
+    if not api_keys:
         return
     header = request.headers.get("authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-    if not token or not secrets.compare_digest(token.encode(), api_key.encode()):
+    matches = [secrets.compare_digest(token.encode(), key.encode()) for key in api_keys]
+    if not token or not any(matches):
         raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.")
 
 
@@ -101,14 +103,20 @@ async def read_json(request: Request, model: type[M], max_body_bytes: int) -> M:
     return parse_request(await read_body(request, max_body_bytes), model)
 
 
-def create_app(engine: EngineClient, served_model_name: str | list[str] | None = None, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+def create_app(engine: EngineClient, served_model_name: str | list[str] | None = None,
+               api_key: str | list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_pending_seqs: int | None = None) -> FastAPI:
     """An ASGI app serving `engine` (an AsyncLLM) with the OpenAI API; mount it in another app or run it as is.
 
     served_model_name: the name(s) requests must use in `model` (default: the model path the engine was made with);
-    api_key: if set, /v1/*, /tokenize and /detokenize require `Authorization: Bearer <api_key>` (/health and /version
-    do not); max_body_bytes: larger bodies get 413.
+    api_key: a key or a list of keys; if set, /v1/*, /tokenize and /detokenize require `Authorization: Bearer <key>`
+    (/health and /version do not); max_body_bytes: larger bodies get 413; max_pending_seqs: the most sequences
+    (prompts x n) this app's requests may hold in the engine at once, running or waiting (e.g. max_num_seqs plus a
+    queue allowance); past it a request gets 503 with Retry-After. None: no limit.
     """
+    api_keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
+    if any(not isinstance(k, str) or not k for k in api_keys):
+        raise ValueError("api_key must be a non-empty string or a list of them")
     model_path = default_model_name(engine)
     if served_model_name is None:
         names = [model_path]
@@ -116,13 +124,16 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
         names = [served_model_name]
     else:
         names = list(served_model_name)
-    ctx = ServingContext(engine, names, model_path)
+    if max_pending_seqs is not None and max_pending_seqs < 1:
+        raise ValueError(f"max_pending_seqs must be >= 1 (or None: no limit); got {max_pending_seqs}")
+    ctx = ServingContext(engine, names, model_path, max_pending_seqs)
     serving_completion, serving_chat = ServingCompletion(ctx), ServingChat(ctx)
     serving_tokenization = ServingTokenization(ctx)
 
     app = FastAPI(title="stablelm-fast", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.served_model_names = names
+    app.state.serving = ctx
     add_exception_handlers(app)
 
     @app.get("/health")
@@ -137,32 +148,32 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        check_auth(request, api_key)
+        check_auth(request, api_keys)
         cards = [ModelCard(id=n, root=model_path, max_model_len=ctx.max_model_len) for n in names]
         return JSONResponse(ModelList(data=cards).model_dump())
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        check_auth(request, api_key)
+        check_auth(request, api_keys)
         req = await read_json(request, CompletionRequest, max_body_bytes)
         return await serving_completion.create(req, request.receive)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        check_auth(request, api_key)
+        check_auth(request, api_keys)
         req = await read_json(request, ChatCompletionRequest, max_body_bytes)
         return await serving_chat.create(req, request.receive)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
-        check_auth(request, api_key)
+        check_auth(request, api_keys)
         data = await read_body(request, max_body_bytes)
         model = TokenizeChatRequest if "messages" in data else TokenizeCompletionRequest
         return await serving_tokenization.tokenize(parse_request(data, model))
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
-        check_auth(request, api_key)
+        check_auth(request, api_keys)
         return await serving_tokenization.detokenize(await read_json(request, DetokenizeRequest, max_body_bytes))
 
     return app

@@ -8,17 +8,39 @@ from stablelm_fast.engine.input_processor import ProcessedPrompt
 from stablelm_fast.sampling_params import SamplingParams
 from stablelm_fast.server.engine_client import EngineClient
 from stablelm_fast.server.errors import APIError, value_error
+from stablelm_fast.server.streaming import Fanin
 
 _OPTIONAL_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                              "frequency_penalty")
 
 
 class ServingContext:
-    def __init__(self, engine: EngineClient, names: list[str], model_path: str) -> None:
+    def __init__(self, engine: EngineClient, names: list[str], model_path: str,
+                 max_pending_seqs: int | None = None) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = int(engine.max_model_len)
         self.names, self.model_path = names, model_path
+        self.max_pending_seqs = max_pending_seqs
+        self.pending_seqs = 0  # sequences of this app's requests now in the engine (running or waiting)
+
+    def start(self, jobs: list[tuple[ProcessedPrompt, SamplingParams, str]]) -> Fanin:
+        """Admit a request's engine requests and start them. Past max_pending_seqs: 503 with Retry-After (a request
+        that could never fit: 400), so that a flood is turned away at once instead of queueing without bound."""
+        num_seqs = sum(params.n for _, params, _ in jobs)
+        cap = self.max_pending_seqs
+        if cap is not None and num_seqs > cap:
+            raise APIError(400, f"this request asks for {num_seqs} sequences (prompts x n); the server admits at "
+                           f"most {cap} at once", "n")
+        if cap is not None and self.pending_seqs + num_seqs > cap:
+            raise APIError(503, f"The server is busy ({self.pending_seqs} sequences pending, limit {cap}); "
+                           f"retry shortly.", retry_after=1)
+        self.pending_seqs += num_seqs
+
+        def release() -> None:
+            self.pending_seqs -= num_seqs
+
+        return Fanin(self.engine, jobs, on_close=release)
 
     def begin(self, name: str | None) -> str:
         """Every generation request starts here: -> the served model name it asked for (404 / 503 if it cannot)."""

@@ -70,7 +70,7 @@ class ServingChat(Endpoint):
         ids = ctx.tokenizer.encode(text, add_special_tokens=False)
         inp = dataclasses.replace(ctx.prepare_prompt(ids, params, "messages"), prompt=text)
         rid, created = random_id("chatcmpl"), now()
-        fanin = Fanin(ctx.engine, [(inp, inp.params, rid)])
+        fanin = ctx.start([(inp, inp.params, rid)])
         parse_tools = bool(tools)
         if not req.stream:
             return await self._whole(req, model, rid, created, len(ids), parse_tools, fanin, receive)

@@ -32,9 +32,11 @@ Receive = Callable[[], Awaitable[dict]]
 class Fanin:
     """Runs several engine requests concurrently; iterate for (index, RequestOutput) in arrival order."""
 
-    def __init__(self, engine: EngineClient, jobs: list[tuple[ProcessedPrompt, SamplingParams, str]]) -> None:
+    def __init__(self, engine: EngineClient, jobs: list[tuple[ProcessedPrompt, SamplingParams, str]],
+                 on_close: Callable[[], None] | None = None) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending = len(jobs)
+        self.on_close = on_close  # called once, by the first close()
         self.tasks = [asyncio.create_task(self._run(i, engine, *job)) for i, job in enumerate(jobs)]
 
     async def _run(self, index: int, engine: EngineClient, prompt: ProcessedPrompt, params: SamplingParams,
@@ -63,6 +65,9 @@ class Fanin:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
 
 
 async def wait_disconnect(receive: Receive) -> None:
