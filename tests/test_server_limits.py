@@ -257,3 +257,23 @@ def test_pending_cap_turns_a_flood_away(served):
     assert after.status_code == 200 and ctx.pending_seqs == 0
     with pytest.raises(ValueError, match="max_pending_seqs"):
         create_app(engine, max_pending_seqs=0)
+
+
+def test_cors_only_when_asked(served):
+    engine, _ = served
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+
+    async def main(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return (await c.options("/v1/completions", headers=preflight),
+                    await c.get("/health", headers={"Origin": "https://app.example"}),
+                    await c.get("/health", headers={"Origin": "https://evil.example"}))
+
+    pre, simple, other = asyncio.run(main(create_app(engine, allowed_origins=["https://app.example"])))
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://app.example"
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert simple.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in other.headers
+    _, plain, _ = asyncio.run(main(create_app(engine)))
+    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers

@@ -17,6 +17,7 @@ import secrets
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
@@ -105,14 +106,15 @@ async def read_json(request: Request, model: type[M], max_body_bytes: int) -> M:
 
 def create_app(engine: EngineClient, served_model_name: str | list[str] | None = None,
                api_key: str | list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_pending_seqs: int | None = None) -> FastAPI:
+               max_pending_seqs: int | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
     """An ASGI app serving `engine` (an AsyncLLM) with the OpenAI API; mount it in another app or run it as is.
 
     served_model_name: the name(s) requests must use in `model` (default: the model path the engine was made with);
     api_key: a key or a list of keys; if set, /v1/*, /tokenize and /detokenize require `Authorization: Bearer <key>`
     (/health and /version do not); max_body_bytes: larger bodies get 413; max_pending_seqs: the most sequences
     (prompts x n) this app's requests may hold in the engine at once, running or waiting (e.g. max_num_seqs plus a
-    queue allowance); past it a request gets 503 with Retry-After. None: no limit.
+    queue allowance); past it a request gets 503 with Retry-After. None: no limit. allowed_origins: browser origins
+    allowed to call the API (CORS; ["*"]: any); None: no CORS headers, as before.
     """
     api_keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
     if any(not isinstance(k, str) or not k for k in api_keys):
@@ -135,6 +137,9 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
     app.state.served_model_names = names
     app.state.serving = ctx
     add_exception_handlers(app)
+    if allowed_origins is not None:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-API-Key"])
 
     @app.get("/health")
     async def health() -> Response:
