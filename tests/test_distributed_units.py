@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from stablelm_fast.distributed.monitor import describe_exit, format_exception
+from stablelm_fast.config import ModelConfig
 from stablelm_fast.distributed.protocol import (CMD_ALLOC, CMD_STEP, HEADER_LEN, PAYLOAD_LEN, command_header,
-                                                decode_step, encode_step)
+                                                decode_step, decode_worker_spec, encode_step, encode_worker_spec,
+                                                parse_status, status_line)
 from stablelm_fast.engine.step_input import StepInput
+from stablelm_fast.tiny import TINY_CONFIGS, make_tiny_checkpoint
 
 
 def _step(is_decode: bool) -> StepInput:
@@ -51,3 +54,24 @@ def test_describe_exit():
     except RuntimeError as e:
         text = format_exception(e)
     assert text.startswith("Traceback") and text.endswith("RuntimeError: boom")
+
+
+@pytest.mark.parametrize("variant", list(TINY_CONFIGS))
+def test_worker_spec_round_trip(tmp_path, variant):
+    path = make_tiny_checkpoint(str(tmp_path), variant)
+    args = dict(config=ModelConfig.from_pretrained(path), model_dir=path, load_format="auto", dtype=torch.bfloat16,
+                device=torch.device("cpu"), backend="torch", seed=7)
+    line = encode_worker_spec(1, 2, "127.0.0.1", 29500, 9, args)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1  # one line on the worker's stdin
+    spec = decode_worker_spec(line)
+    assert (spec["rank"], spec["size"], spec["host"], spec["port"], spec["status_fd"]) == (1, 2, "127.0.0.1", 29500, 9)
+    assert spec["runner_args"] == args
+    with pytest.raises(ValueError, match="dtype"):
+        decode_worker_spec(line.replace(b'"bfloat16"', b'"Tensor"'))
+
+
+def test_status_lines():
+    assert parse_status(status_line("loaded")) == ("loaded", None)
+    text = "Traceback (most recent call last):\n  ...\nRuntimeError: boom \u2014 \"quoted\""
+    line = status_line("error", text)
+    assert line.count(b"\n") == 1 and parse_status(line) == ("error", text)

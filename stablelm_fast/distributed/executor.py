@@ -2,11 +2,12 @@
 
 The driver (rank 0, the engine's process) owns one shard. Two ways to get the other ranks:
 
-* spawn (one host, the default): the driver starts `tp_size - 1` worker processes (torch.multiprocessing "spawn",
-  daemonic). Each gets two one-way pipes: driver -> worker (the worker exits at once when it reads EOF, i.e. when the
-  driver process is gone, however it died) and worker -> driver (load status and error tracebacks), watched by a
-  WorkerMonitor (distributed/monitor.py). The driver hosts a TCPStore on a free localhost port and builds the process
-  groups (distributed/comm.py) straight from it, so several executors can live in one process.
+* spawn (one host, the default): the driver starts `tp_size - 1` worker processes, fresh interpreters running
+  `python -m stablelm_fast.distributed.worker` (so a user's script needs no main guard: it is never re-imported).
+  Each worker's stdin is its lifeline (it exits at once at EOF, i.e. when the driver process is gone, however it
+  died) and a status pipe carries its load status and error tracebacks, watched by a WorkerMonitor (monitor.py).
+  The driver hosts a TCPStore on a free localhost port and builds the process groups (comm.py) straight from it, so
+  several executors can live in one process.
 * attach (torchrun, several hosts; see `stablelm_fast.distributed.launch`): `torch.distributed` is already
   initialized; the driver is global rank 0 and the other ranks run `worker.run_attached`.
 
@@ -29,9 +30,8 @@ import torch.distributed as dist
 
 from stablelm_fast.config import ModelConfig, resolve_device
 from stablelm_fast.distributed.comm import Comm, local_rank, local_world_size, set_cpu_threads
-from stablelm_fast.distributed.monitor import WorkerHandle, WorkerMonitor
+from stablelm_fast.distributed.monitor import WorkerMonitor, spawn_worker
 from stablelm_fast.distributed.protocol import CMD_ALLOC, CMD_STOP, command_header, encode_step
-from stablelm_fast.distributed.worker import spawned_worker_main
 from stablelm_fast.engine.model_runner import ModelRunner
 from stablelm_fast.engine.step_input import StepInput
 from stablelm_fast.layers.parallel import TPInfo, head_shard, split_range
@@ -121,24 +121,13 @@ class TPExecutor:
             raise RuntimeError(self.dead_reason)
 
     def _start_spawned(self, runner_args: dict) -> None:
-        import torch.multiprocessing as mp
-
         # port 0: the OS picks a free port, no race between choosing and binding it
         store = dist.TCPStore("127.0.0.1", 0, self.tp_size, True, timeout=datetime.timedelta(seconds=120),
                               wait_for_workers=False)
-        ctx = mp.get_context("spawn")
         for rank in range(1, self.tp_size):
-            to_w_r, to_w_w = ctx.Pipe(duplex=False)
-            from_w_r, from_w_w = ctx.Pipe(duplex=False)
-            dev = resolve_device(self.device.type, rank)
-            proc = ctx.Process(target=spawned_worker_main, name=f"stablelm-fast-tp{rank}", daemon=True,
-                               args=(rank, self.tp_size, "127.0.0.1", store.port, to_w_r, from_w_w,
-                                     dict(runner_args, device=dev)))
-            proc.start()
-            to_w_r.close()  # the worker holds the only read end: it sees EOF when this process goes away
-            from_w_w.close()
-            self.monitor.workers.append(WorkerHandle(rank, proc, to_w_w, from_w_r))
-        self.monitor.start(ctx)
+            args = dict(runner_args, device=resolve_device(self.device.type, rank))
+            self.monitor.workers.append(spawn_worker(rank, self.tp_size, store.port, args))
+        self.monitor.start()
         self._prev_threads = set_cpu_threads(self.device, self.ranks_on_host)
         # the driver loads its shard while the workers load theirs
         self.runner = ModelRunner(tp=self.comm.tp_info(), **runner_args)

@@ -1,6 +1,6 @@
-"""Whether the tensor-parallel group can still run, and (spawn mode) the thread that watches the worker processes.
+"""Whether the tensor-parallel group can still run, and (spawn mode) starting the worker processes and watching them.
 
-A monitor thread waits on every worker's status pipe and process sentinel. When a worker dies it records why (the
+spawn_worker starts a rank as a fresh interpreter (`python -m stablelm_fast.distributed.worker`). A monitor thread waits on every worker's status pipe and process sentinel. When a worker dies it records why (the
 traceback the worker sent, else its exit code / signal), marks the group dead and kills the other workers, so that a
 collective the driver is blocked in fails at once ("connection closed by peer"); the compute timeout is the last
 resort. Whatever failed, `is_dead` stays True from then on: the ranks are out of step and cannot be resynchronized.
@@ -9,12 +9,15 @@ resort. Whatever failed, `is_dead` stays True from then on: the ranks are out of
 from __future__ import annotations
 
 import multiprocessing.connection as mpc
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
-from typing import Any
+
+from stablelm_fast.distributed.protocol import encode_worker_spec, parse_status
 
 
 def describe_exit(code: int | None) -> str:
@@ -33,14 +36,97 @@ def format_exception(e: BaseException) -> str:
     return "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip()
 
 
-@dataclass
 class WorkerHandle:
-    """The driver's end of one spawned worker."""
+    """The driver's end of one spawned worker process (`python -m stablelm_fast.distributed.worker`).
 
-    rank: int
-    proc: Any  # multiprocessing.Process
-    to_worker: Any  # Connection, write end: the worker exits when it sees EOF (this end closed or the driver gone)
-    from_worker: Any  # Connection, read end: ("loaded",) once the shard is loaded, ("error", traceback) on failure
+    Its stdin is the worker's lifeline (closing it, or the driver dying, makes the worker exit); its status pipe
+    carries JSON lines (protocol.status_line); a pidfd (where the OS has them) becomes readable when it exits."""
+
+    def __init__(self, rank: int, proc: subprocess.Popen, status_fd: int) -> None:
+        self.rank, self.proc, self.status_fd = rank, proc, status_fd
+        os.set_blocking(status_fd, False)
+        self.sentinel: int | None = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                self.sentinel = os.pidfd_open(proc.pid)
+            except OSError:  # an old kernel: the status pipe's EOF tells of the exit instead
+                pass
+        self._buf = b""
+        self.status_open = True
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.proc.poll()
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def join(self, timeout: float) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def terminate(self) -> None:
+        self.proc.terminate()
+
+    def read_status(self) -> list[tuple[str, str | None]]:
+        """The complete status lines that have arrived (never blocks); status_open turns False at EOF."""
+        out = []
+        while self.status_open:
+            try:
+                data = os.read(self.status_fd, 1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self.status_open = False
+                break
+            self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            try:
+                out.append(parse_status(line))
+            except ValueError:
+                pass
+        return out
+
+    def close(self) -> None:
+        for fd in (self.status_fd, self.sentinel):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.status_fd = self.sentinel = None
+
+
+def spawn_worker(rank: int, size: int, port: int, runner_args: dict) -> WorkerHandle:
+    """Start tensor-parallel rank `rank` as a fresh interpreter running the worker module, so that the user's main
+    module is never re-imported (a script needs no `if __name__ == "__main__":` guard)."""
+    status_r, status_w = os.pipe()
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds stablelm_fast/
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "stablelm_fast.distributed.worker"], stdin=subprocess.PIPE,
+                                pass_fds=(status_w,), env=env)
+    finally:
+        os.close(status_w)  # the worker holds the only write end: EOF when it exits
+    try:
+        proc.stdin.write(encode_worker_spec(rank, size, "127.0.0.1", port, status_w, runner_args))
+        proc.stdin.flush()
+    except OSError:
+        pass  # it died at once: the monitor reports its exit
+    return WorkerHandle(rank, proc, status_r)
 
 
 class WorkerMonitor:
@@ -58,15 +144,14 @@ class WorkerMonitor:
         self._wake_r = self._wake_w = None
 
     @property
-    def procs(self) -> list:
-        return [w.proc for w in self.workers]
+    def procs(self) -> list[WorkerHandle]:
+        return list(self.workers)
 
-    def start(self, ctx: Any) -> None:
-        """Start watching self.workers (ctx: the multiprocessing context that made them)."""
-        self._wake_r, self._wake_w = ctx.Pipe(duplex=False)
+    def start(self) -> None:
+        """Start watching self.workers."""
+        self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._watch, name="stablelm-fast-tp-monitor", daemon=True)
         self._thread.start()
-
     def wait_loaded(self, timeout: float) -> None:
         """Block until every worker reported its shard loaded; RuntimeError if one died or `timeout` s passed."""
         deadline = time.monotonic() + timeout
@@ -109,72 +194,73 @@ class WorkerMonitor:
         self._closed = True
 
     def stop_workers(self) -> None:
-        """Stop watching, then end every worker: pipe EOF, then SIGTERM, then SIGKILL. Call close() first."""
+        """Stop watching, then end every worker: stdin EOF, then SIGTERM, then SIGKILL. Call close() first."""
         if self._wake_w is not None:
             try:
-                self._wake_w.send(None)
+                os.write(self._wake_w, b"x")
             except OSError:
                 pass
         for w in self.workers:
-            w.to_worker.close()  # EOF: a worker that missed the stop command exits on it
-        for p in self.procs:
-            p.join(timeout=5.0)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=2.0)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=2.0)
+            try:
+                w.proc.stdin.close()  # EOF: a worker that missed the stop command exits on it
+            except OSError:
+                pass
         for w in self.workers:
-            w.from_worker.close()
+            w.join(timeout=5.0)
+            if w.is_alive():
+                w.terminate()
+                w.join(timeout=2.0)
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=2.0)
         if self._thread is not None:
             self._thread.join(timeout=2.0)
+        for w in self.workers:
+            w.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                os.close(fd)
+        self._wake_r = self._wake_w = None
 
     # ---- the monitor thread ------------------------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        conns = {w.from_worker: w for w in self.workers}
-        sentinels = {w.proc.sentinel: w for w in self.workers}
+        status = {w.status_fd: w for w in self.workers}
+        sentinels = {w.sentinel: w for w in self.workers if w.sentinel is not None}
         while True:
             try:
-                ready = mpc.wait(list(conns) + list(sentinels) + [self._wake_r])
+                ready = mpc.wait(list(status) + list(sentinels) + [self._wake_r])
             except OSError:
                 return
             if self._wake_r in ready or self._closed:
                 return
-            for obj in ready:
-                if obj in conns:
-                    self._read_status(obj, conns)
-            for obj in ready:
-                if obj in sentinels:
-                    self._on_death(sentinels.pop(obj))
+            for fd in ready:
+                if fd in status:
+                    worker = status[fd]
+                    self._record(worker, worker.read_status())
+                    if not worker.status_open:
+                        status.pop(fd)
+                        if worker.sentinel is None:  # no pidfd: the pipe's EOF is the exit
+                            self._on_death(worker)
+            for fd in ready:
+                if fd in sentinels:
+                    self._on_death(sentinels.pop(fd))
 
-    def _read_status(self, conn: Any, conns: dict) -> None:
-        rank = conns[conn].rank
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            conns.pop(conn, None)
-            return
+    def _record(self, worker: WorkerHandle, messages: list[tuple[str, str | None]]) -> None:
         with self._cond:
-            if msg[0] == "loaded":
-                self._loaded.add(rank)
-            elif msg[0] == "error":
-                self._errors.setdefault(rank, msg[1])
+            for kind, text in messages:
+                if kind == "loaded":
+                    self._loaded.add(worker.rank)
+                elif kind == "error":
+                    self._errors.setdefault(worker.rank, text or "")
             self._cond.notify_all()
 
     def _on_death(self, worker: WorkerHandle) -> None:
         if self._closed:
             return
-        worker.proc.join(timeout=1.0)
-        try:  # a traceback it sent just before exiting
-            while worker.from_worker.poll(0):
-                msg = worker.from_worker.recv()
-                if msg[0] == "error":
-                    self._errors.setdefault(worker.rank, msg[1])
-        except (EOFError, OSError):
-            pass
+        worker.join(timeout=1.0)
+        self._record(worker, worker.read_status())  # a traceback it sent just before exiting
         error = self._errors.get(worker.rank)
-        self.mark_dead(f"tensor-parallel worker rank {worker.rank} (pid {worker.proc.pid}) "
-                       f"{describe_exit(worker.proc.exitcode)}" + ("" if error is None else f":\n{error}"))
+        self.mark_dead(f"tensor-parallel worker rank {worker.rank} (pid {worker.pid}) "
+                       f"{describe_exit(worker.exitcode)}" + ("" if error is None else f":\n{error}"))
         self.kill_workers()

@@ -11,12 +11,21 @@ whatever its size:
                                  cu_seqlens_q [B + 1] | context_lens [B] | logits_indices [S]
 
 Driver-only fields of a StepInput (sample_seqs, prompt_logprob_rows) are not sent: workers never sample.
+
+A spawned worker (`python -m stablelm_fast.distributed.worker`) reads its spec as one JSON line on stdin, then keeps
+stdin open as its lifeline (EOF: the driver is gone); it reports on a status pipe in JSON lines:
+{"status": "loaded"} once its shard is loaded, {"status": "error", "text": traceback} before it exits on a failure.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from typing import Any
+
 import torch
 
+from stablelm_fast.config import ModelConfig
 from stablelm_fast.engine.step_input import StepInput
 
 CMD_STEP, CMD_ALLOC, CMD_STOP = 1, 2, 3
@@ -55,3 +64,34 @@ def decode_step(header: torch.Tensor, payload: torch.Tensor) -> StepInput:
                      block_tables=tables.reshape(b, max_blocks).to(torch.int32),
                      cu_seqlens_q=cu.to(torch.int32), context_lens=ctx.to(torch.int32), logits_indices=logits_idx,
                      is_decode=bool(is_decode), max_q_len=max_q_len)
+
+
+# ---- a spawned worker's start-up spec and status lines -------------------------------------------------------------
+
+def encode_worker_spec(rank: int, size: int, host: str, port: int, status_fd: int, runner_args: dict) -> bytes:
+    """One JSON line: where to find the driver's TCPStore, the status pipe, and the ModelRunner's arguments."""
+    args = dict(runner_args, config=dataclasses.asdict(runner_args["config"]),
+                dtype=str(runner_args["dtype"]).removeprefix("torch."), device=str(runner_args["device"]))
+    spec = dict(rank=rank, size=size, host=host, port=port, status_fd=status_fd, runner_args=args)
+    return (json.dumps(spec) + "\n").encode("utf-8")
+
+
+def decode_worker_spec(line: bytes) -> dict[str, Any]:
+    """The inverse of encode_worker_spec: runner_args as ModelRunner takes them."""
+    spec = json.loads(line)
+    args = spec["runner_args"]
+    dtype = getattr(torch, args["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"worker spec: unknown dtype {args['dtype']!r}")
+    spec["runner_args"] = dict(args, config=ModelConfig(**args["config"]), dtype=dtype,
+                               device=torch.device(args["device"]))
+    return spec
+
+
+def status_line(status: str, text: str | None = None) -> bytes:
+    return (json.dumps({"status": status, "text": text}) + "\n").encode("utf-8")
+
+
+def parse_status(line: bytes) -> tuple[str, str | None]:
+    msg = json.loads(line)
+    return msg["status"], msg.get("text")
