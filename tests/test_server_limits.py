@@ -147,11 +147,7 @@ def test_malformed_json_is_400_never_500(served):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
-UNSUPPORTED = [("structured_outputs", {"json": {"type": "object"}}), ("guided_json", {"type": "object"}),
-               ("guided_regex", "[a-z]+"), ("guided_choice", ["yes", "no"]), ("guided_grammar", "root ::= 'a'"),
-               ("response_format", {"type": "json_object"}),
-               ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-               ("include_stop_str_in_output", True), ("chat_template", "{{ messages }}")]
+UNSUPPORTED = [("include_stop_str_in_output", True), ("use_beam_search", True), ("chat_template", "{{ messages }}")]
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
@@ -169,17 +165,41 @@ def test_unsupported_fields_are_400_naming_them(served, path):
     assert ok.status_code == 200, ok.text
 
 
-def test_openai_client_response_format_json(served):
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+          "additionalProperties": False}
+
+
+def test_openai_client_response_format_json_schema(served):
     async def main():
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=served[1]))
         async with openai.AsyncOpenAI(api_key=KEY, base_url="http://test/v1", http_client=http) as client:
+            r = await client.chat.completions.create(
+                model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0.9, seed=2,
+                response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}})
             with pytest.raises(openai.BadRequestError) as e:
                 await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
-                                                     response_format={"type": "json_object"})
-            return e.value
+                                                     response_format={"type": "json_schema", "json_schema": {}})
+            return r, e.value
 
-    err = asyncio.run(main())
-    assert err.status_code == 400 and "response_format" in err.message and err.body["param"] == "response_format"
+    r, err = asyncio.run(main())
+    assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool)
+    assert err.status_code == 400 and err.body["param"] == "response_format"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_structured_output_fields(served, path):
+    base = {"model": MODEL, "max_tokens": 24, "temperature": 1.0, "seed": 5}
+    base.update({"messages": MESSAGES} if "chat" in path else {"prompt": "Hello"})
+    bodies = [{"guided_choice": ["yes", "no"]}, {"structured_outputs": {"regex": "[0-9]{2}"}},
+              {"guided_json": SCHEMA}, {"response_format": {"type": "json_object"}, "max_tokens": 4},
+              {"guided_choice": ["a"], "guided_regex": "b"}, {"structured_outputs": {"json": "{nope"}}]
+    rs = _run(served[1], [("POST", path, {**base, **b}) for b in bodies])
+    texts = [(r.json()["choices"][0].get("text") if "text" in r.json()["choices"][0]
+              else r.json()["choices"][0]["message"]["content"]) for r in rs[:4]]
+    assert texts[0] in ("yes", "no") and len(texts[1]) == 2 and texts[1].isdigit()
+    assert isinstance(json.loads(texts[2])["ok"], bool) and texts[3].startswith("{")
+    _assert_400(rs[4], "guided_choice", "only one")
+    assert rs[5].status_code == 400 and "invalid structured_outputs" in rs[5].json()["error"]["message"]
 
 
 def test_chat_template_options(served):

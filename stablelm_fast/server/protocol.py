@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI-compatible HTTP API (pydantic v2).
 
-Requests accept the OpenAI fields plus vLLM's sampling extras. Fields we know and do not support yet (structured
-outputs, guided decoding, chat template options, ...) are refused with a 400 naming them unless they hold their no-op
+Requests accept the OpenAI fields plus vLLM's sampling extras and structured outputs. Fields we know and do not
+support yet (beam search, custom chat templates, ...) are refused with a 400 naming them unless they hold their no-op
 value (each request model's UNSUPPORTED); other unknown fields are ignored, as OpenAI-compatible servers usually do.
 Type errors and the caps (n, integer ranges) are caught by pydantic; value ranges are checked by SamplingParams, whose
 messages name the offending field.
@@ -22,8 +22,6 @@ Int64 = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]
 
 # vLLM / OpenAI fields we do not support yet -> the values that mean "not used" (anything else: 400 naming the field)
 _UNSUPPORTED_COMMON: dict[str, tuple] = {
-    "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
-    "guided_grammar": (None,), "response_format": (None, {}, {"type": None}, {"type": "text"}),
     "logits_processors": (None,),
     "include_stop_str_in_output": (None, False), "prompt_logprobs": (None,), "allowed_token_ids": (None,),
     "bad_words": (None, []), "use_beam_search": (None, False), "truncate_prompt_tokens": (None,),
@@ -80,6 +78,13 @@ class _SamplingFields(_Request):
     stop_token_ids: list[Int64] | None = None
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_SamplingFields):

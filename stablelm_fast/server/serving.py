@@ -72,6 +72,7 @@ class ServingContext:
             value = getattr(req, name)
             if value is not None:
                 kwargs[name] = value
+        kwargs["structured_outputs"] = structured_outputs_of(req)
         try:
             return SamplingParams(**kwargs)
         except ValueError as e:
@@ -113,3 +114,39 @@ def chunk_body(obj_type: str, rid: str, created: int, model: str, choices: list,
     if include_usage:
         body["usage"] = usage_
     return body
+
+
+def structured_outputs_of(req: Any) -> dict | None:
+    """The one constraint a request asks for (response_format, structured_outputs or a guided_* field) as
+    StructuredOutputsParams fields; 400 naming the field if it is malformed or if several are given."""
+    found: list[tuple[str, dict]] = []
+    rf = req.response_format
+    if rf is not None and rf.get("type") not in (None, "text"):
+        if rf.get("type") == "json_object":
+            found.append(("response_format", {"json_object": True}))
+        elif rf.get("type") == "json_schema":
+            schema = (rf.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise APIError(400, "response_format json_schema needs json_schema.schema, a JSON schema object",
+                               "response_format")
+            found.append(("response_format", {"json": schema}))
+        else:
+            raise APIError(400, f"response_format type {rf.get('type')!r} is not supported (text, json_object, "
+                                f"json_schema)", "response_format")
+    if req.structured_outputs is not None:
+        found.append(("structured_outputs", dict(req.structured_outputs)))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                      ("guided_grammar", "grammar")):
+        if getattr(req, name) is not None:
+            found.append((name, {key: getattr(req, name)}))
+    if len(found) > 1:
+        raise APIError(400, f"only one structured-output constraint per request; got {', '.join(f for f, _ in found)}",
+                       found[1][0])
+    if not found:
+        return None
+    field, value = found[0]
+    from stablelm_fast.structured_outputs import StructuredOutputsParams
+    try:
+        return StructuredOutputsParams.coerce(value).__dict__
+    except ValueError as e:
+        raise APIError(400, str(e), field) from None
