@@ -26,6 +26,7 @@ from stablelm_fast.sampling_params import SamplingParams
 
 class AsyncLLM:
     def __init__(self, model: str, **kwargs: Any) -> None:
+        self.model = model  # the checkpoint path (the server's default served model name)
         self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer
         self.config = self.engine.config

@@ -46,8 +46,6 @@ class EngineClient(Protocol):
 
 
 def default_model_name(engine: EngineClient) -> str:
-    """The name requests use when none is configured: the model path an AsyncLLM was made with, else "model".
-
-    NOTE: AsyncLLM has no public model-path attribute yet; this reads its EngineArgs when present."""
-    args = getattr(getattr(engine, "engine", None), "args", None)
-    return str(getattr(args, "model", "") or "model")
+    """The name requests use when none is configured: the model path an AsyncLLM was made with (its public `model`
+    attribute; an engine without one, such as a test double, serves "model")."""
+    return str(getattr(engine, "model", "") or "model")
