@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence as Seq
 
+from stablelm_fast import tool_calls
 from stablelm_fast.engine.llm_engine import EngineArgs, LLMEngine
 from stablelm_fast.outputs import RequestOutput
 from stablelm_fast.sampling_params import SamplingParams
@@ -53,12 +54,15 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              tools: list[dict] | None = None, add_generation_prompt: bool = True, use_tqdm: bool = False,
              **template_kwargs: Any) -> list[RequestOutput]:
-        """Render each conversation with the checkpoint's chat template, then generate."""
+        """Render each conversation with the checkpoint's chat template, then generate. tools (OpenAI's list): put
+        in the system prompt in StableLM 2 12B Chat's format, as the server does (tool_calls.render_messages);
+        parse a reply with tool_calls.parse_tool_calls."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conv in conversations:
-            text = self.tokenizer.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt,
-                                                      tools=tools, **template_kwargs)
+            rendered = tool_calls.render_messages(list(conv), tools) if tools else list(conv)
+            text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
+                                                      **template_kwargs)
             prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

@@ -297,3 +297,37 @@ def test_cors_only_when_asked(served):
     assert "access-control-allow-origin" not in other.headers
     _, plain, _ = asyncio.run(main(create_app(engine)))
     assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+
+
+# short names: the tiny tokenizer spends about a token per character
+WEATHER = {"type": "function", "function": {"name": "w", "parameters": {
+    "type": "object", "properties": {"c": {"enum": ["P", "R"]}}, "required": ["c"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "t", "parameters": {
+    "type": "object", "properties": {}, "additionalProperties": False}}}
+
+
+# (the tiny tokenizer spells the tool prompt in many tokens: one tool shown per request fits its 512-token context)
+@pytest.mark.parametrize("tools,tool_choice", [([WEATHER], "required"),
+                                               ([WEATHER, TIME], {"type": "function", "function": {"name": "t"}})])
+def test_tool_choice_is_enforced(served, tools, tool_choice):
+    body = {"model": MODEL, "messages": MESSAGES[1:], "max_tokens": 40, "temperature": 0.9, "seed": 4,
+            "tools": tools, "tool_choice": tool_choice}
+    (r,) = _run(served[1], [("POST", "/v1/chat/completions", body)])
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    calls = choice["message"]["tool_calls"]
+    names = [c["function"]["name"] for c in calls]
+    assert names == ["t"] if isinstance(tool_choice, dict) else set(names) == {"w"}
+    for c in calls:
+        args = json.loads(c["function"]["arguments"])
+        assert args == {} if c["function"]["name"] == "t" else args["c"] in ("P", "R")
+
+
+def test_llm_chat_renders_tools_as_the_server_does(tiny_model):
+    from stablelm_fast import LLM, SamplingParams
+    from stablelm_fast.tool_calls import TOOLS_HEADER
+
+    llm = LLM(tiny_model, dtype="float32", backend="torch", num_kv_blocks=32)
+    out = llm.chat([{"role": "user", "content": "Weather in Rome?"}], SamplingParams(max_tokens=2), tools=[WEATHER])
+    assert TOOLS_HEADER in out[0].prompt and '"name": "w"' in out[0].prompt

@@ -10,7 +10,7 @@ import pytest
 from stablelm_fast.engine.input_processor import InputProcessor
 from stablelm_fast.outputs import CompletionOutput, RequestOutput
 from stablelm_fast.server import EngineClient, create_app
-from stablelm_fast.server import tool_calls as tc
+from stablelm_fast import tool_calls as tc
 from stablelm_fast.tiny import CHATML_TEMPLATE, build_tokenizer
 from stablelm_fast.tokenizer import Tokenizer
 

@@ -7,7 +7,7 @@ from typing import Any, AsyncIterator
 
 from fastapi.responses import JSONResponse, Response
 
-from stablelm_fast.server import tool_calls as tc
+from stablelm_fast import tool_calls as tc
 from stablelm_fast.server.engine_client import ServerTokenizer
 from stablelm_fast.server.errors import APIError
 from stablelm_fast.server.protocol import ChatCompletionRequest, TokenizeChatRequest, now, random_id
@@ -67,6 +67,13 @@ class ServingChat(Endpoint):
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = ctx.make_params(req, max_tokens, top if req.logprobs else None)
         text, tools = render_chat(ctx.tokenizer, req)
+        if tools and (req.tool_choice == "required" or isinstance(req.tool_choice, dict)):
+            # an enforced call: the reply is constrained to the calls' JSON schema
+            if params.structured_outputs is not None:
+                raise APIError(400, "tool_choice 'required' or a named function cannot be combined with another "
+                                    "structured-output constraint", "tool_choice")
+            schema = tc.forced_calls_schema(tools, single=isinstance(req.tool_choice, dict))
+            params = dataclasses.replace(params, structured_outputs={"json": schema})
         ids = ctx.tokenizer.encode(text, add_special_tokens=False)
         inp = dataclasses.replace(ctx.prepare_prompt(ids, params, "messages"), prompt=text)
         rid, created = random_id("chatcmpl"), now()
