@@ -331,3 +331,37 @@ def test_llm_chat_renders_tools_as_the_server_does(tiny_model):
     llm = LLM(tiny_model, dtype="float32", backend="torch", num_kv_blocks=32)
     out = llm.chat([{"role": "user", "content": "Weather in Rome?"}], SamplingParams(max_tokens=2), tools=[WEATHER])
     assert TOOLS_HEADER in out[0].prompt and '"name": "w"' in out[0].prompt
+
+
+def test_metrics_in_prometheus_format(served):
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "ignore_eos": True}
+    rs = _run(served[1], [("POST", "/v1/completions", body), ("POST", "/v1/completions", body),
+                          ("GET", "/metrics", None)])
+    assert rs[0].status_code == 200 and rs[2].status_code == 200
+    text = rs[2].text
+    assert rs[2].headers["content-type"].startswith("text/plain")
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    label = f'model_name="{MODEL}"'
+    assert values[f"vllm:generation_tokens_total{{{label}}}"] >= 6
+    assert values[f'vllm:request_success_total{{finished_reason="length",{label}}}'] >= 2
+    assert values[f"vllm:time_to_first_token_seconds_count{{{label}}}"] >= 2
+    assert values[f"vllm:num_requests_running{{{label}}}"] == 0 and values[f"vllm:num_requests_waiting{{{label}}}"] == 0
+    assert 0 <= values[f"vllm:kv_cache_usage_perc{{{label}}}"] < 1  # finished requests hold no blocks
+
+
+def test_periodic_stats_log(tiny_model, monkeypatch, caplog):
+    import logging
+
+    from stablelm_fast import LLM, SamplingParams
+    from stablelm_fast.engine import stats
+
+    monkeypatch.setattr(stats, "LOG_INTERVAL_S", 0.0)
+    llm = LLM(tiny_model, dtype="float32", backend="torch", num_kv_blocks=16, disable_log_stats=False)
+    with caplog.at_level(logging.INFO, logger="stablelm_fast.engine"):
+        llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, ignore_eos=True))
+    lines = [r.getMessage() for r in caplog.records if "generation throughput" in r.getMessage()]
+    assert lines and "Running:" in lines[-1] and "KV cache usage" in lines[-1]

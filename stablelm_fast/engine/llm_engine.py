@@ -9,6 +9,7 @@ OutputProcessor (detokenize, stops, RequestOutputs).
 from __future__ import annotations
 
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from stablelm_fast.engine.output_processor import OutputProcessor
 from stablelm_fast.engine.scheduler import Scheduler
 from stablelm_fast.engine.sequence import Request, Sequence
 from stablelm_fast.engine.spec_decode import SpeculativeConfig, ngram_propose, verify
+from stablelm_fast.engine.stats import EngineStats, FinishedRequest, StatsLogger, finished_log
 from stablelm_fast.engine.step_input import prepare_step
 from stablelm_fast.layers.sampler import Sampler, SamplingRow
 from stablelm_fast.ops import resolve_backend
@@ -49,6 +51,7 @@ class EngineArgs:
     backend: str = "auto"
     seed: int = 0
     speculative_config: dict | None = None  # vLLM's: {"method": "ngram", "num_speculative_tokens": k, ...}
+    disable_log_stats: bool = True  # no periodic throughput/load log line (AsyncLLM turns it on)
 
     def validate(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -102,6 +105,9 @@ class LLMEngine:
         self.num_steps = 0
         self.num_prompt_tokens_computed = 0
         self.num_spec_proposed = self.num_spec_accepted = 0  # draft tokens (speculative decoding)
+        self.num_generation_tokens = 0
+        self.finished: deque[FinishedRequest] = finished_log()  # drained by exporters (/metrics)
+        self._stats_logger = None if args.disable_log_stats else StatsLogger()
         torch.manual_seed(args.seed)
 
     # ---- requests --------------------------------------------------------------------------------------------------
@@ -190,13 +196,34 @@ class LLMEngine:
                     if seq.is_finished:  # a stop inside the accepted drafts: the rest is dropped
                         break
                     out.append_token(req, seq, token, lp, now)
+                    self.num_generation_tokens += 1
                 touched[seq.request_id] = req
         outputs = []
         for req in touched.values():
             outputs.append(out.make_output(req))
             if req.finished:
                 self.requests.pop(req.request_id, None)
+                self._record_finished(req)
+        if self._stats_logger is not None:
+            self._stats_logger.maybe_log(self.stats())
         return outputs
+
+    def stats(self) -> EngineStats:
+        bm, sched = self.block_manager, self.scheduler
+        return EngineStats(
+            num_running=len(sched.running), num_waiting=len(sched.waiting),
+            kv_cache_usage=1.0 - bm.num_free_blocks / bm.num_blocks, num_preemptions=sched.num_preemptions,
+            prompt_tokens=self.num_prompt_tokens_computed, generation_tokens=self.num_generation_tokens,
+            prefix_cache_queries=bm.num_queried_blocks, prefix_cache_hits=bm.num_hit_blocks,
+            spec_draft_tokens=self.num_spec_proposed, spec_accepted_tokens=self.num_spec_accepted,
+            num_steps=self.num_steps)
+
+    def _record_finished(self, req: Request) -> None:
+        m = req.metrics
+        self.finished.append(FinishedRequest(
+            time_to_first_token=m.time_to_first_token, e2e_latency=(m.finished_time or m.arrival_time) - m.arrival_time,
+            finish_reason=req.seqs[0].finish_reason or "abort", num_prompt_tokens=len(req.prompt_token_ids),
+            num_generation_tokens=sum(s.num_output_tokens for s in req.seqs)))
 
     def _sampling_row(self, seq: Sequence, drafts: list[int] | None = None,
                       allowed: torch.Tensor | None = None) -> SamplingRow:

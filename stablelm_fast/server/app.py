@@ -147,6 +147,19 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
             return JSONResponse({"status": "dead"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    metrics = None
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        nonlocal metrics
+        if not hasattr(engine, "stats"):
+            raise APIError(404, "this engine reports no metrics")
+        if metrics is None:
+            from stablelm_fast.server.metrics import Metrics
+            metrics = Metrics(engine, names[0])
+        from stablelm_fast.server.metrics import CONTENT_TYPE
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/version")
     async def version() -> Response:
         return JSONResponse({"version": __version__})
