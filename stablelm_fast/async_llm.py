@@ -17,21 +17,23 @@ import queue
 import threading
 from typing import Any, AsyncIterator
 
+from stablelm_fast.engine.exceptions import EngineDeadError
+from stablelm_fast.engine.input_processor import ProcessedPrompt
 from stablelm_fast.engine.llm_engine import EngineArgs, LLMEngine
+from stablelm_fast.engine.stats import EngineStats
 from stablelm_fast.outputs import RequestOutput
 from stablelm_fast.sampling_params import SamplingParams
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop has stopped (e.g. a tensor-parallel worker died): no request can be served."""
-
-
 class AsyncLLM:
     def __init__(self, model: str, **kwargs: Any) -> None:
+        self.model = model  # the checkpoint path (the server's default served model name)
+        kwargs.setdefault("disable_log_stats", False)  # a server logs its throughput and load periodically
         self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer
         self.config = self.engine.config
         self.max_model_len = self.engine.max_model_len
+        self.input_processor = self.engine.input_processor
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._streams_lock = threading.Lock()
@@ -47,23 +49,21 @@ class AsyncLLM:
     def is_running(self) -> bool:
         return self._thread.is_alive() and self.dead_error is None
 
-    async def generate(self, prompt: str | dict, sampling_params: SamplingParams | None = None,
+    async def generate(self, prompt: str | dict | ProcessedPrompt, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative RequestOutputs until the request finishes. Bad input raises ValueError at once."""
+        """Yield cumulative RequestOutputs until the request finishes. Bad input raises ValueError at once.
+        A ProcessedPrompt (from self.input_processor) is taken as validated, with its own params."""
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running: {self.dead_error!r}")
-        params = sampling_params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError("sampling_params must be a SamplingParams")
-        _, ids = self.engine.validate_prompt(prompt)
-        self.engine.check_fits(len(ids), params)
+        if not isinstance(prompt, ProcessedPrompt):
+            prompt = self.input_processor.process(prompt, sampling_params)
         request_id = request_id or f"req-{next(self._ids)}"
         stream: asyncio.Queue = asyncio.Queue()
         with self._streams_lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already running")
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._inbox.put(("add", request_id, prompt, params))
+        self._inbox.put(("add", request_id, prompt))
         finished = False
         try:
             while True:
@@ -79,6 +79,19 @@ class AsyncLLM:
                 self._streams.pop(request_id, None)
             if not finished:  # the consumer went away (client disconnect, cancellation): free its blocks
                 self._inbox.put(("abort", request_id))
+
+    def stats(self) -> "EngineStats":
+        """A snapshot of the engine's load and counters (read from the caller's thread)."""
+        return self.engine.stats()
+
+    def drain_finished(self) -> list:
+        """Finished requests' latencies since the last call (engine/stats.FinishedRequest), oldest first."""
+        out = []
+        while True:
+            try:
+                out.append(self.engine.finished.popleft())
+            except IndexError:
+                return out
 
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -110,9 +123,9 @@ class AsyncLLM:
                 return
             block = False
             if cmd[0] == "add":
-                _, request_id, prompt, params = cmd
+                _, request_id, prompt = cmd
                 try:
-                    self.engine.add_request(prompt, params, request_id=request_id)
+                    self.engine.add_request(prompt, request_id=request_id)
                 except Exception as e:  # validated already; anything else fails this request alone
                     self._deliver(request_id, e)
             elif cmd[0] == "abort":
@@ -134,7 +147,7 @@ class AsyncLLM:
                 for rid in list(self.engine.requests):
                     self.engine.abort_request(rid)
                     self._deliver(rid, RuntimeError(f"engine step failed: {e!r}"))
-                if getattr(self.engine.executor, "is_dead", False):
+                if self.engine.executor.is_dead:
                     self.dead_error = e
                     self._fail_streams(EngineDeadError(f"the engine died: {e!r}"))
                     return

@@ -124,3 +124,18 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.d
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be 'auto', 'bfloat16', 'float16' or 'float32'; got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
+    """'auto' -> CUDA if available, else CPU; 'cuda' needs a CUDA device. local_rank picks the GPU of a rank."""
+    if isinstance(device, torch.device):
+        return device
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA device is available")
+        return torch.device("cuda", local_rank) if local_rank is not None else torch.device("cuda")
+    return torch.device("cpu")

@@ -47,3 +47,6 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = field(default=None, repr=False)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # SamplingParams.prompt_logprobs: None for the first prompt token, then {token_id: logprob} per prompt token
+    # (the actual token and the top-k), as vLLM returns them
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -20,7 +20,8 @@ def _simulate_step(sched: Scheduler, budgets: dict[int, int], rng_token: int) ->
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
         assert n >= 1
         assert len(seq.block_table) * sched.bm.block_size >= seq.num_computed_tokens + n
-        seq.num_computed_tokens += n
+    sched.on_step_done(batch)
+    for seq in batch.seqs:
         if seq.num_computed_tokens == seq.num_tokens:
             seq.token_ids.append(rng_token)
             budgets[seq.seq_id] -= 1

@@ -7,9 +7,10 @@ import httpx
 import openai
 import pytest
 
+from stablelm_fast.engine.input_processor import InputProcessor
 from stablelm_fast.outputs import CompletionOutput, RequestOutput
-from stablelm_fast.server import create_app
-from stablelm_fast.server import tool_calls as tc
+from stablelm_fast.server import EngineClient, create_app
+from stablelm_fast import tool_calls as tc
 from stablelm_fast.tiny import CHATML_TEMPLATE, build_tokenizer
 from stablelm_fast.tokenizer import Tokenizer
 
@@ -139,11 +140,13 @@ class ScriptedEngine:
     def __init__(self, model_dir: str) -> None:
         self.tokenizer = Tokenizer(model_dir)
         self.max_model_len = 4096
+        self.input_processor = InputProcessor(self.tokenizer, None, self.max_model_len)
         self.is_running = True
         self.pieces: list[str] = []
         self.prompts: list[dict] = []
 
     async def generate(self, prompt, params, request_id=None):
+        prompt = {"prompt": prompt.prompt, "prompt_token_ids": prompt.prompt_token_ids}
         self.prompts.append(prompt)
         text, ids = "", []
         for i, piece in enumerate(self.pieces):
@@ -163,6 +166,7 @@ def scripted(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("chatml-tok"))
     build_tokenizer(d, CHATML_TEMPLATE, "<|im_end|>")
     engine = ScriptedEngine(d)
+    assert isinstance(engine, EngineClient)  # the whole interface the server needs
     return engine, create_app(engine, served_model_name="stablelm-2-12b-chat")
 
 

@@ -34,6 +34,10 @@ import sys
 import torch
 import torch.distributed as dist
 
+from stablelm_fast.config import resolve_device
+from stablelm_fast.distributed.comm import local_rank
+from stablelm_fast.distributed.worker import run_attached
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stablelm_fast.distributed.launch",
@@ -59,18 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
 def init_from_env(device: str = "auto") -> int:
     """Join the world torchrun set up (env://); -> this process's global rank."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise SystemExit("stablelm_fast.distributed.launch must be started by torchrun (RANK / WORLD_SIZE unset)")
     if not dist.is_initialized():
-        dev = _device(device)
+        dev = resolve_device(device, local_rank())
         if dev.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
         # the default group only serves as rendezvous for the executor's own groups (control: gloo; compute:
         # gloo or NCCL), so gloo is enough here
         dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(minutes=30))
@@ -78,8 +78,6 @@ def init_from_env(device: str = "auto") -> int:
 
 
 def run_worker(args: argparse.Namespace) -> None:
-    from stablelm_fast.distributed.worker import run_attached
-
     run_attached(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
                  backend=args.backend, seed=args.seed)
 

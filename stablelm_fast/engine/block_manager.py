@@ -92,8 +92,8 @@ class BlockManager:
         total = -(-(len(hits) * self.block_size + num_new_tokens) // self.block_size)
         return total - len(hits) <= self.num_free_blocks - reused_free
 
-    def admit(self, seq: Sequence, hits: list[int]) -> None:
-        """Give a waiting sequence its prefix-cache hits (its computed tokens start after them)."""
+    def admit(self, seq: Sequence, hits: list[int]) -> int:
+        """Give a waiting sequence its prefix-cache hits; -> the number of tokens they hold (already computed)."""
         assert not seq.block_table
         for block_id in hits:
             block = self.blocks[block_id]
@@ -102,8 +102,7 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block_id)
         self.num_hit_blocks += len(hits)
-        seq.num_computed_tokens = len(hits) * self.block_size
-        seq.num_cached_prompt_tokens = seq.num_computed_tokens
+        return len(hits) * self.block_size
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         return self.blocks_needed(seq, num_tokens) <= self.num_free_blocks
@@ -140,7 +139,6 @@ class BlockManager:
                     block.hash, block.token_ids = None, ()
                     self.empty.append(block_id)
         seq.block_table = []
-        seq.num_computed_tokens = 0
 
     def reset_prefix_cache(self) -> None:
         """Forget every published block (after a failed step, whose blocks may hold no valid K/V)."""

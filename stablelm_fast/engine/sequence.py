@@ -8,6 +8,7 @@ import itertools
 
 import torch
 
+from stablelm_fast.outputs import RequestMetrics
 from stablelm_fast.sampling_params import SamplingParams
 from stablelm_fast.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -34,6 +35,8 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_prompt_tokens = 0  # of those, how many came from the prefix cache at admission
         self.num_preemptions = 0
+        self.matcher = None  # structured outputs: this sequence's xgrammar GrammarMatcher
+        self.spec_token_ids: list[int] = []  # this step's draft tokens (speculative decoding), computed after the rest
         self.arrival_time = arrival_time
         self.first_token_time: float | None = None
         self.finish_reason: str | None = None
@@ -71,3 +74,19 @@ class Sequence:
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, tokens={self.num_tokens}, "
                 f"computed={self.num_computed_tokens}, status={self.status.value})")
+
+
+class Request:
+    """One request: its prompt, params and the n sequences it owns."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 seqs: list[Sequence], arrival_time: float) -> None:
+        self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
+        self.params, self.seqs = params, seqs
+        self.metrics = RequestMetrics(arrival_time=arrival_time)
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
