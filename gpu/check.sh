@@ -5,7 +5,8 @@
 #   0. detect (gpu/detect.py): no CUDA GPU -> say so and exit 0
 #   1. `import stablelm_fast` (+ LLM, triton backend, CUDA graphs) with the server packages blocked
 #   2. build the extension in place for the GPU present (TORCH_CUDA_ARCH_LIST=<its capability>, setup.py)
-#   3. tests/gpu/ through gpu/minitest.py: every CUDA and Triton kernel vs the torch reference, the engine vs HF
+#   3. tests/gpu/ + tests/ops/ through gpu/minitest.py: every CUDA and Triton kernel vs the torch reference, the
+#      engine vs HF (budgets: build 240 s, tests 240 s + the test running then, bench 200 s)
 #   4. gpu/bench.py: 1.6B / 3B / 12B-shaped dummy weights, decode and prefill vs the measured HBM / matmul peak
 #   5. gpu/summary.py: one screen; everything (logs, JSON) under $OUT if set, else gpu/results/<timestamp>/
 # Exit status: 0 when every step passed (or there is no GPU), 1 otherwise.
@@ -63,19 +64,21 @@ rm -f stablelm_fast/_C*.so
 (
   export TORCH_CUDA_ARCH_LIST="$SLF_ARCH_LIST" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
   [ "$SLF_BUILD_CUDA" = 1 ] || export STABLELM_FAST_NO_CUDA=1
-  timeout 300 "$PY" setup.py -q build_ext --inplace
+  timeout 240 "$PY" setup.py -q build_ext --inplace
 ) > "$RES/build.log" 2>&1
 echo "build=$?" >> "$RES/steps.txt"
 tail -3 "$RES/build.log"
 
 step "3/5 kernels and engine vs references (tests/gpu)"
-timeout 330 "$PY" -m gpu.minitest tests/gpu/test_gpu_kernels.py tests/gpu/test_gpu_engine.py \
-  --json "$RES/gpu-tests.json" --deadline-s 270 2>&1 | tail -40 > "$RES/tests.log"
+# tests/gpu first (kernels at the models' shapes, the engine vs HF), then the per-op tests of tests/ops, which on
+# a GPU run the Triton kernels compiled and the CUDA kernels at every size the CPU run skips
+timeout 300 "$PY" -m gpu.minitest tests/gpu/test_gpu_kernels.py tests/gpu/test_gpu_engine.py tests/ops/test_op_*.py \
+  --json "$RES/gpu-tests.json" --deadline-s 240 2>&1 | tail -40 > "$RES/tests.log"
 echo "tests=${PIPESTATUS[0]}" >> "$RES/steps.txt"
 tail -5 "$RES/tests.log"
 
 step "4/5 benchmark (dummy weights)"
-timeout 240 "$PY" -m gpu.bench --json "$RES/gpu-bench.json" > "$RES/bench.log" 2>&1
+timeout 200 "$PY" -m gpu.bench --json "$RES/gpu-bench.json" > "$RES/bench.log" 2>&1
 echo "bench=$?" >> "$RES/steps.txt"
 
 step "5/5 summary"

@@ -57,6 +57,7 @@ def install_pytest_shim() -> None:
 
     skip.Exception = _Skipped
     shim.mark, shim.skip = _MarkGen(), skip
+    shim.param = lambda *values, id=None, marks=(): types.SimpleNamespace(values=values, id=id, marks=marks)
     shim.fixture = lambda *a, **k: (a[0] if a and callable(a[0]) else (lambda fn: fn))
     sys.modules["pytest"] = shim
 
@@ -108,8 +109,12 @@ def expand(fn) -> list[tuple[str, dict]]:
         values = list(m.args[1])
         axis = []
         for i, v in enumerate(values):
-            v = tuple(v) if len(names) > 1 else (v,)
-            label = ids[i] if ids else "-".join(str(x).replace("torch.", "") for x in v)
+            pid = None
+            if hasattr(v, "values") and hasattr(v, "id") and not isinstance(v, dict):  # pytest.param(...)
+                v, pid = tuple(v.values), v.id
+            else:
+                v = tuple(v) if len(names) > 1 else (v,)
+            label = pid or (ids[i] if ids else "-".join(str(x).replace("torch.", "") for x in v))
             axis.append((label, dict(zip(names, v))))
         axes.append(axis)
     out = []
@@ -159,6 +164,8 @@ def run(paths: list[str], json_path: str | None, deadline_s: float, collect_only
     except ImportError:
         install_pytest_shim()
     sys.path.insert(0, os.path.join(ROOT, "tests"))
+    for d in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):  # sibling helpers (tests/ops/op_impls)
+        sys.path.insert(0, d)
     skip_exc = _skip_exception()
     fixtures, results, t_start = _Fixtures(), [], time.monotonic()
     for path in paths:

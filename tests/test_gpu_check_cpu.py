@@ -75,3 +75,20 @@ def test_summary_reads_a_results_folder(tmp_path):
     assert "tests   FAILED (rc 1)" in r.stdout and "bench   TIMEOUT" in r.stdout
     assert "FAIL k.py::test_decode_attention[cuda-float16-64-8-8]: AssertionError: mismatch" in r.stdout
     assert "test_decode_attention                        cuda    failed 1" in r.stdout
+
+
+def test_minitest_collects_the_per_op_tests_like_pytest(tmp_path):
+    """gpu-check also runs tests/ops/ through minitest (pytest.param ids, helpers beside the tests): the same
+    number of cases per test function as pytest collects (the ids are spelled differently)."""
+    import glob
+    from collections import Counter
+
+    paths = sorted(glob.glob(os.path.join(ROOT, "tests", "ops", "test_op_*.py")))
+    out = tmp_path / "c.json"
+    subprocess.run([sys.executable, "-m", "gpu.minitest", *paths, "--collect-only", "--json", str(out)], cwd=ROOT,
+                   env=_env(), capture_output=True, text=True, timeout=120, check=True)
+    ours = Counter(t["id"].split("::", 1)[1].split("[")[0] for t in json.loads(out.read_text())["results"])
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *paths],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    theirs = Counter(line.split("::", 1)[1].split("[")[0] for line in r.stdout.splitlines() if "::" in line)
+    assert sum(ours.values()) > 100 and ours == theirs
