@@ -6,7 +6,7 @@ STAMP := $(VENV)/.stamp-deps
 EXT_STAMP := $(VENV)/.stamp-ext
 TORCH_SPEC := torch==2.13.0
 
-.PHONY: run test setup ext cuda-check clean bench
+.PHONY: run test setup ext cuda-check gpu-check clean bench
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,13 @@ test: setup
 
 cuda-check:
 	@bash csrc/cuda/check.sh
+
+# GPU bring-up in one command (gpu/check.sh): builds the extension for the GPU present, runs every CUDA/Triton
+# kernel and the engine against the references, benchmarks; results under $$OUT (else gpu/results/). Uses the
+# machine's own python (torch, triton, transformers preinstalled; no pip, no network), or this venv if made.
+# On a machine without a CUDA GPU it says so and exits 0.
+gpu-check:
+	@PY="$(if $(wildcard $(VPY)),$(VPY),$(PY))" bash gpu/check.sh
 
 bench: setup
 	$(VPY) bench/latency.py

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from stablelm_fast.kernels._common import upcast_dot
+from stablelm_fast.kernels._common import host_value_once, upcast_dot
 
 from stablelm_fast.kernels.paged_attention_decode import check_paged_kv
 
@@ -127,7 +127,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal paged varlen attention. Returns [T, Hq, D] in q.dtype.
 
-    max_seqlen_q: the longest q_len, if the caller knows it (avoids a device->host sync to size the grid).
+    max_seqlen_q: the longest q_len, if the caller knows it; else read from cu_seqlens_q once per tensor (a
+    device->host sync per step instead of per layer).
     block_m / block_n: tile sizes (tests use 16; tl.dot needs >= 16).
     """
     check_paged_kv(q, k_cache, v_cache, block_tables)
@@ -145,13 +146,17 @@ def paged_attention(
     out = torch.empty_like(q)
     if T == 0 or B == 0:
         return out
-    if max_seqlen_q is None:
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+    if max_seqlen_q is None:  # one device->host read per step, not per layer (same cu_seqlens_q tensor)
+        max_seqlen_q = host_value_once("max_seqlen_q", cu_seqlens_q, lambda cu: (cu[1:] - cu[:-1]).max().item())
     if max_seqlen_q <= 0:
         return out
     BLOCK_D = triton.next_power_of_2(D)
-    BLOCK_M = block_m or (64 if BLOCK_D <= 128 else 32)  # D=256-padded tiles: smaller M to stay in registers
-    BLOCK_N = block_n or 32
+    # Tiles that stay in registers (no ptxas spills on sm_80 / sm_90, checked by gpu/aot_compile.py): D=256-padded
+    # tiles take a smaller M; fp32 (upcast, ieee tl.dot) tiles take M=32 over 8 warps, and N=16 at D=256.
+    wide = q.dtype == torch.float32
+    BLOCK_M = block_m or (32 if wide or BLOCK_D > 128 else 64)
+    BLOCK_N = block_n or (16 if wide and BLOCK_D > 128 else 32)
+    num_warps = 8 if wide else 4
     grid = (triton.cdiv(max_seqlen_q, BLOCK_M), B, Hq)
     paged_attention_prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
@@ -162,6 +167,6 @@ def paged_attention(
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
         UPCAST_DOT=upcast_dot(q.dtype),
-        num_warps=4,
+        num_warps=num_warps,
     )
     return out

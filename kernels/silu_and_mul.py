@@ -141,12 +141,16 @@ def gate_up_silu(
     if M == 0 or I == 0:
         return out
     # Small M (decode) is weight-bound: a short BLOCK_M wastes less of the MMA; large M wants big square tiles.
-    BM = block_m or (16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128)
+    # fp32 (ieee tl.dot on upcast tiles) holds twice the bytes per tile: BLOCK_K 32 and BLOCK_M <= 64, else ptxas
+    # spills (up to 5 KB of stack at 128x64x64, found by gpu/aot_compile.py). 8 warps: two [BM, BN] fp32
+    # accumulators at BM = 128 spill with 4 warps on sm_80.
+    wide = x.dtype == torch.float32
+    BM = block_m or (16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 or wide else 128)
     BN = block_n or 64
-    BK = block_k or 64
+    BK = block_k or (32 if wide else 64)
     grid = (triton.cdiv(M, BM), triton.cdiv(I, BN))
     gate_up_silu_kernel[grid](
         x, gate_up_weight, out, M, I, K, x.stride(0), gate_up_weight.stride(0), out.stride(0),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, UPCAST_DOT=upcast_dot(x.dtype),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, UPCAST_DOT=upcast_dot(x.dtype), num_warps=8,
     )
     return out

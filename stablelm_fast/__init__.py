@@ -7,6 +7,7 @@ from stablelm_fast.engine.exceptions import EngineDeadError
 from stablelm_fast.llm import LLM
 from stablelm_fast.outputs import CompletionOutput, RequestOutput
 from stablelm_fast.sampling_params import SamplingParams
+from stablelm_fast.structured_outputs import StructuredOutputsParams
 
-__all__ = ["LLM", "AsyncLLM", "EngineDeadError", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "AsyncLLM", "EngineDeadError", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"

@@ -20,12 +20,15 @@ from typing import Any, AsyncIterator
 from stablelm_fast.engine.exceptions import EngineDeadError
 from stablelm_fast.engine.input_processor import ProcessedPrompt
 from stablelm_fast.engine.llm_engine import EngineArgs, LLMEngine
+from stablelm_fast.engine.stats import EngineStats
 from stablelm_fast.outputs import RequestOutput
 from stablelm_fast.sampling_params import SamplingParams
 
 
 class AsyncLLM:
     def __init__(self, model: str, **kwargs: Any) -> None:
+        self.model = model  # the checkpoint path (the server's default served model name)
+        kwargs.setdefault("disable_log_stats", False)  # a server logs its throughput and load periodically
         self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer
         self.config = self.engine.config
@@ -76,6 +79,19 @@ class AsyncLLM:
                 self._streams.pop(request_id, None)
             if not finished:  # the consumer went away (client disconnect, cancellation): free its blocks
                 self._inbox.put(("abort", request_id))
+
+    def stats(self) -> "EngineStats":
+        """A snapshot of the engine's load and counters (read from the caller's thread)."""
+        return self.engine.stats()
+
+    def drain_finished(self) -> list:
+        """Finished requests' latencies since the last call (engine/stats.FinishedRequest), oldest first."""
+        out = []
+        while True:
+            try:
+                out.append(self.engine.finished.popleft())
+            except IndexError:
+                return out
 
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

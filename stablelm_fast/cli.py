@@ -18,7 +18,7 @@ from typing import Any
 
 ENGINE_FLAGS = ("dtype", "device", "tensor_parallel_size", "load_format", "max_model_len", "block_size",
                 "num_kv_blocks", "kv_cache_memory_gb", "enable_prefix_caching", "max_num_seqs",
-                "max_num_batched_tokens", "backend", "seed")
+                "max_num_batched_tokens", "backend", "seed", "speculative_config")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +49,20 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton", "cuda"],
                    help="kernel backend: torch (reference), cpu (C++ extension), triton, cuda (default: auto)")
     g.add_argument("--seed", type=int, default=0, help="engine random seed (default 0)")
+    g.add_argument("--speculative-config", type=_json_dict, default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s spelling, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (default: off)')
+
+
+def _json_dict(text: str) -> dict:
+    import json
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence as Seq
 
+from stablelm_fast import tool_calls
 from stablelm_fast.engine.llm_engine import EngineArgs, LLMEngine
 from stablelm_fast.outputs import RequestOutput
 from stablelm_fast.sampling_params import SamplingParams
@@ -16,13 +17,15 @@ class LLM:
                  load_format: str = "auto", max_model_len: int | None = None, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory_gb: float | None = None,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int | None = None, backend: str = "auto", seed: int = 0) -> None:
+                 max_num_batched_tokens: int | None = None, backend: str = "auto", seed: int = 0,
+                 speculative_config: dict | None = None, disable_log_stats: bool = True) -> None:
         self.engine = LLMEngine(EngineArgs(
             model=model, dtype=dtype, device=device, tensor_parallel_size=tensor_parallel_size,
             load_format=load_format, max_model_len=max_model_len, block_size=block_size,
             num_kv_blocks=num_kv_blocks, kv_cache_memory_gb=kv_cache_memory_gb,
             enable_prefix_caching=enable_prefix_caching, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, backend=backend, seed=seed))
+            max_num_batched_tokens=max_num_batched_tokens, backend=backend, seed=seed,
+            speculative_config=speculative_config, disable_log_stats=disable_log_stats))
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: PromptType | Seq[PromptType],
@@ -51,12 +54,15 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              tools: list[dict] | None = None, add_generation_prompt: bool = True, use_tqdm: bool = False,
              **template_kwargs: Any) -> list[RequestOutput]:
-        """Render each conversation with the checkpoint's chat template, then generate."""
+        """Render each conversation with the checkpoint's chat template, then generate. tools (OpenAI's list): put
+        in the system prompt in StableLM 2 12B Chat's format, as the server does (tool_calls.render_messages);
+        parse a reply with tool_calls.parse_tool_calls."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conv in conversations:
-            text = self.tokenizer.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt,
-                                                      tools=tools, **template_kwargs)
+            rendered = tool_calls.render_messages(list(conv), tools) if tools else list(conv)
+            text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
+                                                      **template_kwargs)
             prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

@@ -1,9 +1,11 @@
-"""Weight loading: safetensors only (single file or sharded with an index), memory-mapped, packed at load.
+"""Weight loading: safetensors only (single file or sharded with an index), memory-mapped, checked, then handed to
+the model's parameters, which load (and shard) themselves.
 
-HF names are mapped onto the engine's parameters: q/k/v pack into `qkv_proj`, gate/up into `gate_up_proj`, and the
-per-head QK-norm weights (`q_layernorm.norms.{h}.weight`) stack into one [num_heads, head_dim] tensor.
-Tensor parallelism: `shard(name, tensor)` cuts each rank's slice out of the memory-mapped tensor (safetensors'
-`get_slice`), so no rank ever materializes a whole weight it does not own.
+This module knows the checkpoint: which tensors a StableLM checkpoint must have and their shapes (refusing missing,
+unexpected, misshapen or duplicate tensors, and pickles). The model knows where each tensor goes
+(`StableLM.load_weight`: packed-modules mapping, per-parameter weight loaders). Tensor parallelism: a weight loader
+reads only its rank's slice of the memory-mapped tensor (safetensors' `get_slice`), so no rank materializes a whole
+weight it does not own. After loading, each layer repacks its weights once (`process_weights_after_loading`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,9 @@ import torch
 from safetensors import safe_open
 
 from stablelm_fast.config import ModelConfig
+from stablelm_fast.layers.weights import CheckpointTensor, process_weights_after_loading
 
-# A loader callback: (engine param name, slice-getter) -> None. The getter reads a (possibly sliced) tensor.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def find_safetensors(model_dir: str) -> list[str]:
@@ -78,15 +78,9 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
-def load_checkpoint(
-    model_dir: str,
-    config: ModelConfig,
-    assign: Callable[[str, Callable[[], torch.Tensor], Callable[[int, int, int], torch.Tensor]], None],
-) -> None:
-    """Open every safetensors file memory-mapped, check names and shapes, and hand each tensor to `assign`.
-
-    assign(hf_name, read_all, read_slice) where read_slice(dim, start, stop) reads only that slice from disk.
-    """
+def load_checkpoint(model_dir: str, config: ModelConfig, assign: Callable[[str, CheckpointTensor], None]) -> None:
+    """Open every safetensors file memory-mapped, check names and shapes, and hand each tensor to `assign`
+    as a CheckpointTensor (whose read_slice(dim, start, stop) reads only that slice from disk)."""
     from tqdm import tqdm
 
     expected = expected_hf_shapes(config)
@@ -116,7 +110,7 @@ def load_checkpoint(
                     index = tuple(slice(start, stop) if k == dim else slice(None) for k in range(ndim))
                     return sl[index]
 
-                assign(name, lambda f=f, name=name: f.get_tensor(name), read_slice)
+                assign(name, CheckpointTensor(shape, lambda f=f, name=name: f.get_tensor(name), read_slice))
                 bar.update(1)
     bar.close()
     missing = sorted(set(expected) - seen)
@@ -125,6 +119,14 @@ def load_checkpoint(
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
 
 
-def split_layer_name(name: str) -> tuple[int, str] | None:
-    m = _LAYER.match(name)
-    return (int(m.group(1)), m.group(2)) if m else None
+def load_model(model: torch.nn.Module, model_dir: str | None, load_format: str, seed: int = 0) -> None:
+    """Fill a freshly built StableLM: from the checkpoint (or random, load_format 'dummy'), then let every layer
+    repack its weights for the backend, once."""
+    if load_format == "dummy":
+        model.init_dummy_weights(seed)
+    else:
+        if model_dir is None:
+            raise ValueError(f"load_format {load_format!r} needs a model folder")
+        load_checkpoint(model_dir, model.config, model.load_weight)
+        model.tie_weights()
+    process_weights_after_loading(model)

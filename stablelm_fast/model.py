@@ -1,15 +1,16 @@
 """StableLM (HF `StableLmForCausalLM`): one implementation for 1.6B, 3B and 12B.
 
 LayerNorm with bias; partial NeoX rotary; optional q/k/v bias (1.6B); GQA and per-head QK LayerNorm (12B);
-parallel residual x + attn(ln(x)) + mlp(ln(x)) (12B); untied lm_head. The model holds this rank's shard of every
-weight (see layers/parallel.py) and calls `tp.reduce` where a row-parallel output must be summed; with one process
-that is a no-op, and no layer ever touches torch.distributed itself.
+parallel residual x + attn(ln(x)) + mlp(ln(x)) (12B); untied lm_head. Modules are named as in HF checkpoints, so a
+checkpoint tensor finds its parameter by name (after the packed-modules mapping); every parameter loads and shards
+itself (layers/weights.py). The model holds this rank's shard of every weight and calls `tp.reduce` where a
+row-parallel output must be summed; with one process that is a no-op, and no layer touches torch.distributed.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Callable
+import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,26 +18,24 @@ from torch import nn
 from stablelm_fast.config import ModelConfig
 from stablelm_fast.layers.attention import Attention, AttentionMetadata
 from stablelm_fast.layers.embedding import LMHead, VocabEmbedding
+from stablelm_fast.layers.layernorm import LayerNorm
 from stablelm_fast.layers.mlp import MLP
-from stablelm_fast.layers.parallel import TPInfo, head_shard, split_range
-from stablelm_fast.loader import load_checkpoint, split_layer_name
+from stablelm_fast.layers.parallel import HeadShard, TPInfo, head_shard
+from stablelm_fast.layers.weights import CheckpointTensor
 from stablelm_fast.ops.reference import rotary_cos_sin
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TPInfo, ops: ModuleType) -> None:
+    def __init__(self, config: ModelConfig, tp: TPInfo, ops: Any) -> None:
         super().__init__()
-        self.ops, self.tp, self.eps = ops, tp, config.layer_norm_eps
+        self.tp = tp
         self.parallel_residual = config.use_parallel_residual
-        h = config.hidden_size
-        i_start, i_stop = split_range(config.intermediate_size, tp, "intermediate_size")
-        self.ln1_weight = nn.Parameter(torch.ones(h), requires_grad=False)
-        self.ln1_bias = nn.Parameter(torch.zeros(h), requires_grad=False)
-        if not self.parallel_residual:
-            self.ln2_weight = nn.Parameter(torch.ones(h), requires_grad=False)
-            self.ln2_bias = nn.Parameter(torch.zeros(h), requires_grad=False)
-        self.attn = Attention(config, head_shard(config.num_attention_heads, config.num_key_value_heads, tp), tp, ops)
-        self.mlp = MLP(h, i_stop - i_start, ops)
+        h, eps = config.hidden_size, config.layer_norm_eps
+        self.input_layernorm = LayerNorm(h, eps, ops)
+        self.post_attention_layernorm = None if self.parallel_residual else LayerNorm(h, eps, ops)
+        self.self_attn = Attention(config, head_shard(config.num_attention_heads, config.num_key_value_heads, tp),
+                                   tp, ops)
+        self.mlp = MLP(h, config.intermediate_size, ops, tp)
 
     def forward(
         self,
@@ -47,31 +46,49 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, residual = self.ops.add_layernorm(x, residual, self.ln1_weight, self.ln1_bias, self.eps)
-        attn = self.attn(h, positions, cos_sin, meta, *kv_cache)
-        if self.parallel_residual:
+        h, residual = self.input_layernorm(x, residual)
+        attn = self.self_attn(h, positions, cos_sin, meta, *kv_cache)
+        if self.post_attention_layernorm is None:
             # NOTE: attention and MLP both read ln(x); their row-parallel outputs share one all-reduce.
             return self.tp.reduce(attn + self.mlp(h)), residual
-        h, residual = self.ops.add_layernorm(self.tp.reduce(attn), residual, self.ln2_weight, self.ln2_bias, self.eps)
+        h, residual = self.post_attention_layernorm(self.tp.reduce(attn), residual)
         return self.tp.reduce(self.mlp(h)), residual
 
 
-class StableLM(nn.Module):
-    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TPInfo | None = None) -> None:
+class StableLmModel(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TPInfo, ops: Any) -> None:
         super().__init__()
-        self.config, self.ops = config, ops
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, tp, ops) for _ in range(config.num_hidden_layers))
+        self.norm = LayerNorm(config.hidden_size, config.layer_norm_eps, ops)
+        # [max_positions, rotary_dim] fp32 whatever the model dtype: the rotary angles are always computed in fp32
+        self.register_buffer("cos_sin", rotary_cos_sin(config.max_position_embeddings, config.rotary_dim,
+                                                       config.rope_theta).to(torch.float32), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer, kv in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, positions, self.cos_sin, meta, kv)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class StableLM(nn.Module):
+    # HF checkpoint name part -> (our packed parameter's name part, shard_id)
+    packed_modules_mapping = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    _PER_HEAD_NORM = re.compile(r"\.(q|k)_layernorm\.norms\.(\d+)\.weight$")
+
+    def __init__(self, config: ModelConfig, ops: Any, tp: TPInfo | None = None) -> None:
+        super().__init__()
+        self.config = config
         self.tp = tp or TPInfo()
-        self.embed = VocabEmbedding(config.vocab_size, config.hidden_size, self.tp)
-        self.layers = nn.ModuleList(DecoderLayer(config, self.tp, ops) for _ in range(config.num_hidden_layers))
-        self.norm_weight = nn.Parameter(torch.ones(config.hidden_size), requires_grad=False)
-        self.norm_bias = nn.Parameter(torch.zeros(config.hidden_size), requires_grad=False)
+        self.model = StableLmModel(config, self.tp, ops)
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, self.tp, ops)
-        self.register_buffer(
-            "cos_sin", rotary_cos_sin(config.max_position_embeddings, config.rotary_dim, config.rope_theta),
-            persistent=False)
 
     @property
-    def head_shard(self):
+    def head_shard(self) -> HeadShard:
         return head_shard(self.config.num_attention_heads, self.config.num_key_value_heads, self.tp)
 
     def forward(
@@ -82,11 +99,7 @@ class StableLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k_cache, v_cache)
     ) -> torch.Tensor:
         """-> final hidden states [T, hidden] (normed)."""
-        x, residual = self.embed(input_ids), None
-        for layer, kv in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, positions, self.cos_sin, meta, kv)
-        x, _ = self.ops.add_layernorm(x, residual, self.norm_weight, self.norm_bias, self.config.layer_norm_eps)
-        return x
+        return self.model(input_ids, positions, meta, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, hidden] -> [B, vocab] fp32."""
@@ -94,81 +107,32 @@ class StableLM(nn.Module):
 
     # ---- weights -------------------------------------------------------------------------------------------------
 
-    def load_weights(self, model_dir: str) -> None:
-        """Read this rank's shard of every tensor from the checkpoint (memory-mapped slices, converted to dtype)."""
-        load_checkpoint(model_dir, self.config, self._assign)
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight.data.copy_(self.embed.weight.data)
+    def load_weight(self, hf_name: str, loaded: CheckpointTensor) -> None:
+        """Route one checkpoint tensor to the parameter that owns it (which loads this rank's part)."""
+        name, shard_id = hf_name, None
+        m = self._PER_HEAD_NORM.search(name)
+        if m:
+            name, shard_id = name[: m.start()] + f".{m.group(1)}_layernorm.weight", int(m.group(2))
+        else:
+            for part, (packed, sid) in self.packed_modules_mapping.items():
+                if f".{part}." in name:
+                    name, shard_id = name.replace(f".{part}.", f".{packed}."), sid
+                    break
+        param = self.get_parameter(name)
+        param.weight_loader(param, loaded, shard_id)
 
-    def pack_linear_weights(self, pack: Callable[..., torch.Tensor]) -> None:
-        """Replace every linear weight by the backend's load-time layout (cpu: panels, csrc/cpu/panel.h); after
-        loading, once. pack(w, halves=True) is told a gate_up weight's two halves must stay apart."""
-        for layer in self.layers:
-            attn, mlp = layer.attn, layer.mlp
-            attn.qkv_weight.data = pack(attn.qkv_weight.data)
-            attn.o_weight.data = pack(attn.o_weight.data)
-            mlp.gate_up_weight.data = pack(mlp.gate_up_weight.data, halves=True)
-            mlp.down_weight.data = pack(mlp.down_weight.data)
-        self.lm_head.weight.data = pack(self.lm_head.weight.data)
+    def tie_weights(self) -> None:
+        """tie_word_embeddings: the lm_head is the embedding (call after loading, before repacking)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight.data.copy_(self.model.embed_tokens.weight.data)
 
     def init_dummy_weights(self, seed: int = 0) -> None:
         """Random weights from config.json alone (load_format='dummy'), scaled like a trained model's."""
         gen = torch.Generator().manual_seed(seed + 7919 * self.tp.rank)
         for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf.endswith("bias"):
+            if name.endswith("bias"):
                 p.data.zero_()
-            elif leaf.endswith("norm_weight") or leaf.startswith("ln"):
+            elif "norm" in name:
                 p.data.fill_(1.0)
             else:
                 p.data.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
-
-    def _assign(self, name: str, read_all: Callable[[], torch.Tensor],
-                read_slice: Callable[[int, int, int], torch.Tensor]) -> None:
-        cfg, tp = self.config, self.tp
-        d = cfg.head_dim
-        if name == "model.embed_tokens.weight" or name == "lm_head.weight":
-            module = self.embed if name.startswith("model.") else self.lm_head
-            rows = read_slice(0, module.start, module.stop)
-            module.weight.data.zero_()
-            module.weight.data[: rows.shape[0]].copy_(rows)
-            return
-        if name in ("model.norm.weight", "model.norm.bias"):
-            target = self.norm_weight if name.endswith("weight") else self.norm_bias
-            target.data.copy_(read_all())
-            return
-        layer_idx, rest = split_layer_name(name)  # type: ignore[misc]  (names were validated by the loader)
-        layer = self.layers[layer_idx]
-        attn, shard = layer.attn, self.head_shard
-        q_rows = (shard.q_start * d, (shard.q_start + shard.num_q) * d)
-        kv_rows = (shard.kv_start * d, (shard.kv_start + shard.num_kv) * d)
-        q_size, kv_size = shard.num_q * d, shard.num_kv * d
-        simple = {"input_layernorm.weight": layer.ln1_weight, "input_layernorm.bias": layer.ln1_bias}
-        if not layer.parallel_residual:
-            simple["post_attention_layernorm.weight"] = layer.ln2_weight
-            simple["post_attention_layernorm.bias"] = layer.ln2_bias
-        if rest in simple:
-            simple[rest].data.copy_(read_all())
-        elif rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
-            proj, kind = rest.split(".")[1], rest.split(".")[2]
-            start, stop = q_rows if proj == "q_proj" else kv_rows
-            offset = {"q_proj": 0, "k_proj": q_size, "v_proj": q_size + kv_size}[proj]
-            target = attn.qkv_weight if kind == "weight" else attn.qkv_bias
-            target.data[offset: offset + stop - start].copy_(read_slice(0, start, stop))
-        elif rest == "self_attn.o_proj.weight":
-            attn.o_weight.data.copy_(read_slice(1, *q_rows))
-        elif ".norms." in rest:
-            which, head = rest.split(".")[1], int(rest.split(".")[3])
-            target, first = ((attn.q_norm_weight, shard.q_start) if which == "q_layernorm"
-                             else (attn.k_norm_weight, shard.kv_start))
-            if first <= head < first + target.shape[0]:
-                target.data[head - first].copy_(read_all())
-        elif rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-            start, stop = split_range(cfg.intermediate_size, tp, "intermediate_size")
-            part = stop - start
-            offset = 0 if rest == "mlp.gate_proj.weight" else part
-            layer.mlp.gate_up_weight.data[offset: offset + part].copy_(read_slice(0, start, stop))
-        elif rest == "mlp.down_proj.weight":
-            layer.mlp.down_weight.data.copy_(read_slice(1, *split_range(cfg.intermediate_size, tp, "intermediate_size")))
-        else:  # pragma: no cover  (the loader already refused unknown names)
-            raise ValueError(f"no parameter for tensor {name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -24,6 +25,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # logprob of each prompt token (and the top-k) in RequestOutput.prompt_logprobs
     skip_special_tokens: bool = True
+    # constrained decoding (vLLM's name): a StructuredOutputsParams, or a dict of its fields
+    structured_outputs: Any = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -42,8 +45,8 @@ class SamplingParams:
             raise bad("temperature", "must be a number >= 0")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
-        if not is_int(self.top_k) or (self.top_k < 1 and self.top_k not in (-1, 0)):
-            raise bad("top_k", "must be -1 (or 0: disabled) or an integer >= 1")
+        if not is_int(self.top_k) or (self.top_k < 1 and self.top_k not in (-1, 0)) or self.top_k > 2**31 - 1:
+            raise bad("top_k", "must be -1 (or 0: disabled) or an integer in [1, 2**31 - 1]")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")
         if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
@@ -71,8 +74,8 @@ class SamplingParams:
                 not isinstance(self.stop_token_ids, (list, tuple)) or not all(is_int(t) and t >= 0
                                                                                for t in self.stop_token_ids)):
             raise bad("stop_token_ids", "must be a list of non-negative integers")
-        if self.seed is not None and not is_int(self.seed):
-            raise bad("seed", "must be an integer")
+        if self.seed is not None and (not is_int(self.seed) or not -2**63 <= self.seed < 2**63):
+            raise bad("seed", "must be a 64-bit integer")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "must be an integer in [0, 20]")
         if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs)
@@ -82,6 +85,9 @@ class SamplingParams:
             raise bad("ignore_eos", "must be a bool")
         if not isinstance(self.skip_special_tokens, bool):
             raise bad("skip_special_tokens", "must be a bool")
+        if self.structured_outputs is not None:
+            from stablelm_fast.structured_outputs import StructuredOutputsParams
+            self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
 
     @property
     def greedy(self) -> bool:

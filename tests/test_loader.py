@@ -70,12 +70,12 @@ def test_dummy_load_format_needs_only_config(tiny_model, tmp_path):
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", backend="torch", num_kv_blocks=16)
     out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
-    assert llm.engine.executor.model.layers[0].attn.qkv_weight.dtype == torch.bfloat16
+    assert llm.engine.executor.model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
 
 
 def test_dtype_conversion_at_load(tiny_model):
     llm = LLM(tiny_model, dtype="bfloat16", backend="torch", num_kv_blocks=16)
-    w = llm.engine.executor.model.layers[0].mlp.gate_up_weight
+    w = llm.engine.executor.model.model.layers[0].mlp.gate_up_proj.weight
     ref = load_file(os.path.join(tiny_model, "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]
     assert w.dtype == torch.bfloat16
     torch.testing.assert_close(w[w.shape[0] // 2:], ref.to(torch.bfloat16))

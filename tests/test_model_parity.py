@@ -65,7 +65,7 @@ def test_logits_match_hf_bf16(hf_checkpoints, variant):
     model_dir = hf_checkpoints[variant]
     hf = load_hf(model_dir, variant, torch.bfloat16)
     llm = LLM(model_dir, dtype="bfloat16", backend="torch", num_kv_blocks=64)
-    assert llm.engine.executor.model.embed.weight.dtype == torch.bfloat16
+    assert llm.engine.executor.model.model.embed_tokens.weight.dtype == torch.bfloat16
     prompts = _prompts(llm.engine.config.vocab_size)
     ours = _runner_logits(llm.engine.executor, prompts)
     for p, got in zip(prompts, ours):

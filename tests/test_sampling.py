@@ -46,6 +46,7 @@ def test_penalties_against_direct_computation():
 
 
 def test_temperature_distribution():
+    torch.manual_seed(0)  # unseeded rows draw from the global generator: fix it, so the test is deterministic
     logits = torch.tensor([[1.0, 2.0, 0.0, -1.0]]).repeat(4000, 1)
     rows = [_row(SamplingParams(temperature=0.5)) for _ in range(4000)]
     tokens, _ = Sampler()(logits, rows)
@@ -143,7 +144,8 @@ def test_logprobs_match_hf_log_softmax(hf_checkpoints):
     ("n", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -3), ("min_p", 2.0),
     ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("max_tokens", 0),
     ("min_tokens", -1), ("stop", 5), ("stop", [""]), ("stop_token_ids", [-1]), ("seed", 1.5), ("logprobs", 21),
-    ("temperature", float("nan")), ("ignore_eos", "yes"),
+    ("temperature", float("nan")), ("ignore_eos", "yes"), ("top_k", 2**40), ("seed", 2**70),
+    ("prompt_logprobs", 21), ("structured_outputs", "json"),
 ])
 def test_invalid_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

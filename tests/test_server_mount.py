@@ -11,7 +11,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from stablelm_fast import AsyncLLM
-from stablelm_fast.server import create_app
+from stablelm_fast.server import EngineClient, create_app
 from stablelm_fast.tiny import make_tiny_checkpoint
 
 pytestmark = pytest.mark.xdist_group("server")
@@ -21,6 +21,7 @@ pytestmark = pytest.mark.xdist_group("server")
 def engine(tmp_path_factory):
     model_dir = make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-mount")), "stablelm-2-12b", seed=1)
     engine = AsyncLLM(model_dir, dtype="float32", backend="torch")
+    assert isinstance(engine, EngineClient)
     yield engine
     engine.shutdown()
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -166,4 +169,30 @@ def test_killed_worker_raises_and_leaves_no_process(tmp_path):
     finally:
         llm.shutdown()
     assert not _pid_exists(pid)
-    assert not any(p.is_alive() for p in executor._procs)
+    assert not any(p.is_alive() for p in executor.monitor.procs)
+
+
+def test_tp_from_a_script_without_main_guard(tmp_path):
+    """Workers are fresh interpreters (python -m ...), not multiprocessing children re-importing the user's main
+    module: a plain script with no `if __name__ == "__main__":` runs, and exits without calling shutdown()."""
+    path = make_tiny_checkpoint(str(tmp_path / "ckpt"), "stablelm-2-1_6b", seed=1)
+    script = tmp_path / "plain_script.py"
+    script.write_text(textwrap.dedent(f"""
+        from stablelm_fast import LLM, SamplingParams
+        llm = LLM({path!r}, dtype="float32", backend="torch", tensor_parallel_size=2, num_kv_blocks={NUM_BLOCKS},
+                  block_size={BLOCK_SIZE}, max_model_len=256)
+        out = llm.generate({PROMPTS[:2]!r}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        print("TOKENS", [list(o.outputs[0].token_ids) for o in out])
+    """))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    (line,) = [x for x in run.stdout.splitlines() if x.startswith("TOKENS ")]
+    llm1 = _make_llm(path, 1)
+    try:
+        expected = _tokens(llm1.generate(PROMPTS[:2], GREEDY))
+    finally:
+        llm1.shutdown()
+    assert json.loads(line[len("TOKENS "):]) == expected

@@ -9,8 +9,8 @@ import pytest
 
 from stablelm_fast.engine.input_processor import InputProcessor
 from stablelm_fast.outputs import CompletionOutput, RequestOutput
-from stablelm_fast.server import create_app
-from stablelm_fast.server import tool_calls as tc
+from stablelm_fast.server import EngineClient, create_app
+from stablelm_fast import tool_calls as tc
 from stablelm_fast.tiny import CHATML_TEMPLATE, build_tokenizer
 from stablelm_fast.tokenizer import Tokenizer
 
@@ -166,6 +166,7 @@ def scripted(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("chatml-tok"))
     build_tokenizer(d, CHATML_TEMPLATE, "<|im_end|>")
     engine = ScriptedEngine(d)
+    assert isinstance(engine, EngineClient)  # the whole interface the server needs
     return engine, create_app(engine, served_model_name="stablelm-2-12b-chat")
 
 

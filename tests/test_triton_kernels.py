@@ -228,10 +228,11 @@ def test_paged_attention_rejects_bad_inputs():
 def test_triton_backend_exposes_contract():
     from stablelm_fast.ops import get_ops, triton_ops
 
-    assert get_ops("triton") is triton_ops
+    table = get_ops("triton")
     for name in ("linear", "gate_up_silu", "layernorm", "add_layernorm", "silu_and_mul", "qk_norm_rope_cache",
-                 "paged_attention", "paged_attention_decode", "flash_attn_available"):
-        assert callable(getattr(triton_ops, name)), name
+                 "paged_attention", "paged_attention_decode"):
+        assert getattr(table, name) is getattr(triton_ops, name) and table.source[name] == "triton", name
+    assert callable(triton_ops.flash_attn_available)
     if not torch.cuda.is_available():
         assert not triton_ops.flash_attn_available(64)  # the flash-attn path is never taken on CPU
 

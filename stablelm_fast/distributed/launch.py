@@ -27,11 +27,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 
 import torch
 import torch.distributed as dist
+
+from stablelm_fast.config import resolve_device
+from stablelm_fast.distributed.comm import local_rank
+from stablelm_fast.distributed.worker import run_attached
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,11 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--output-json", default=None,
+                   help="also write [{prompt, text, token_ids}] of every completion to this file (driver only)")
     return p
-
-
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
 def init_from_env(device: str = "auto") -> int:
@@ -65,9 +68,9 @@ def init_from_env(device: str = "auto") -> int:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise SystemExit("stablelm_fast.distributed.launch must be started by torchrun (RANK / WORLD_SIZE unset)")
     if not dist.is_initialized():
-        dev = _device(device)
+        dev = resolve_device(device, local_rank())
         if dev.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
         # the default group only serves as rendezvous for the executor's own groups (control: gloo; compute:
         # gloo or NCCL), so gloo is enough here
         dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(minutes=30))
@@ -75,8 +78,6 @@ def init_from_env(device: str = "auto") -> int:
 
 
 def run_worker(args: argparse.Namespace) -> None:
-    from stablelm_fast.distributed.worker import run_attached
-
     run_attached(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
                  backend=args.backend, seed=args.seed)
 
@@ -95,8 +96,13 @@ def run_driver(args: argparse.Namespace) -> None:
               seed=args.seed)
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
-        for out in llm.generate(prompts, params) if prompts else []:
+        outs = llm.generate(prompts, params) if prompts else []
+        for out in outs:
             print(f"{out.prompt!r} -> {out.outputs[0].text!r}", flush=True)
+        if args.output_json:
+            with open(args.output_json, "w", encoding="utf-8") as f:
+                json.dump([{"prompt": o.prompt, "text": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids)}
+                           for o in outs], f)
     finally:
         llm.shutdown()  # STOP to every rank
 

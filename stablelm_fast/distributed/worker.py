@@ -17,8 +17,11 @@ import threading
 
 import torch
 
-from stablelm_fast.distributed.executor import (CMD_ALLOC, CMD_STEP, CMD_STOP, HEADER_LEN, Comm, decode_step,
-                                                format_exception, set_cpu_threads)
+from stablelm_fast.config import resolve_device
+from stablelm_fast.distributed.comm import Comm, local_rank, local_world_size, set_cpu_threads
+from stablelm_fast.distributed.monitor import format_exception
+from stablelm_fast.distributed.protocol import (CMD_ALLOC, CMD_STEP, CMD_STOP, HEADER_LEN, PAYLOAD_LEN, decode_step,
+                                                decode_worker_spec, status_line)
 from stablelm_fast.engine.model_runner import ModelRunner
 
 
@@ -30,39 +33,32 @@ def worker_loop(runner: ModelRunner, comm: Comm) -> None:
         if cmd == CMD_STOP:
             return
         if cmd == CMD_STEP:
-            payload = torch.empty(int(header[HEADER_LEN - 1]), dtype=torch.int64)
+            payload = torch.empty(int(header[PAYLOAD_LEN]), dtype=torch.int64)
             comm.broadcast(payload)
             runner.execute(decode_step(header, payload))
-        elif cmd == CMD_ALLOC:
-            error = None
-            try:
-                runner.allocate_kv_cache(int(header[1]), int(header[2]))
-            except Exception as e:
-                error = e
-            comm.sum_flags(int(error is not None))
-            if error is not None:
-                raise error
+        elif cmd == CMD_ALLOC:  # the driver learns from the status all-reduce whether every rank succeeded
+            num_blocks, block_size = int(header[1]), int(header[2])
+            comm.run_counting_failures(lambda: runner.allocate_kv_cache(num_blocks, block_size))
         else:
             raise RuntimeError(f"unknown tensor-parallel command {cmd}")
 
 
-def _watch_driver(conn) -> None:
-    """Exit as soon as the driver's end of the pipe closes (driver shut down, crashed or was killed)."""
+def _watch_driver(stream) -> None:
+    """Exit as soon as the driver's end of stdin closes (driver shut down, crashed or was killed)."""
     try:
-        while True:
-            conn.recv()
-    except (EOFError, OSError):
+        while stream.read(4096):
+            pass
+    except (OSError, ValueError):
         pass
     os._exit(0)
 
 
-def spawned_worker_main(rank: int, size: int, host: str, port: int, from_driver, to_driver,
-                        runner_args: dict) -> None:
-    """Entry point of a worker started by TPExecutor (spawn mode)."""
+def spawned_worker_main(rank: int, size: int, host: str, port: int, status_fd: int, runner_args: dict) -> None:
+    """A worker started by TPExecutor (spawn mode): load the shard, say so, serve the driver until STOP."""
     import torch.distributed as dist
 
     driver_pid = os.getppid()
-    threading.Thread(target=_watch_driver, args=(from_driver,), name="stablelm-fast-driver-watch",
+    threading.Thread(target=_watch_driver, args=(sys.stdin.buffer,), name="stablelm-fast-driver-watch",
                      daemon=True).start()
     device = runner_args["device"]
     if device.type == "cuda":
@@ -72,9 +68,9 @@ def spawned_worker_main(rank: int, size: int, host: str, port: int, from_driver,
     try:
         runner = ModelRunner(tp=comm.tp_info(), **runner_args)
     except BaseException as e:
-        _report(to_driver, f"failed to load the model:\n{format_exception(e)}")
+        _report(status_fd, f"failed to load the model:\n{format_exception(e)}")
         os._exit(1)
-    to_driver.send(("loaded",))
+    os.write(status_fd, status_line("loaded"))
     try:
         store = dist.TCPStore(host, port, size, False)
         comm.connect_store(store)
@@ -82,19 +78,26 @@ def spawned_worker_main(rank: int, size: int, host: str, port: int, from_driver,
     except BaseException as e:
         if os.getppid() != driver_pid:  # the driver is gone (its sockets closed first): nobody to tell
             os._exit(0)
-        _report(to_driver, format_exception(e))
+        _report(status_fd, format_exception(e))
         os._exit(1)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # NOTE: skip interpreter teardown: the peers' sockets may already be gone
 
 
-def _report(conn, text: str) -> None:
+def _report(status_fd: int, text: str) -> None:
     try:
-        conn.send(("error", text))
-    except (OSError, ValueError):
+        os.write(status_fd, status_line("error", text))
+    except OSError:
         pass
     print(f"stablelm-fast tensor-parallel worker: {text}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    """`python -m stablelm_fast.distributed.worker`, started by the driver: the spec is the first line of stdin."""
+    spec = decode_worker_spec(sys.stdin.buffer.readline())
+    spawned_worker_main(spec["rank"], spec["size"], spec["host"], spec["port"], spec["status_fd"],
+                        spec["runner_args"])
 
 
 def run_attached(model_dir: str, dtype: str = "auto", device: str = "auto", load_format: str = "auto",
@@ -108,25 +111,21 @@ def run_attached(model_dir: str, dtype: str = "auto", device: str = "auto", load
     rank, size = dist.get_rank(), dist.get_world_size()
     config = ModelConfig.from_pretrained(model_dir)
     # NOTE: resolved exactly as LLMEngine does on rank 0, so every rank builds the same model
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                       else ("cpu" if device == "auto" else device))
+    dev = resolve_device(device, local_rank())
     if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     torch_dtype = resolve_dtype(dtype, config, dev)
     backend = resolve_backend(backend, dev)
     comm = Comm(rank, size, dev)
     comm.connect_world()
-    set_cpu_threads(dev, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    error = None
-    try:
-        runner = ModelRunner(config, None if load_format == "dummy" else model_dir, load_format, torch_dtype, dev,
-                             backend, tp=comm.tp_info(), seed=seed)
-    except Exception as e:
-        error = e
-    failed = comm.sum_flags(int(error is not None))
-    if error is not None:
-        raise error
+    set_cpu_threads(dev, local_world_size())
+    runner, failed = comm.run_counting_failures(
+        lambda: ModelRunner(config, None if load_format == "dummy" else model_dir, load_format, torch_dtype, dev,
+                            backend, tp=comm.tp_info(), seed=seed))
     if failed:
         raise SystemExit(f"rank {rank}: {failed} rank(s) failed to load the model")
     worker_loop(runner, comm)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,12 +20,13 @@ class ProcessedPrompt:
     prompt: str | None  # the text, when known
     prompt_token_ids: list[int]
     params: SamplingParams  # max_tokens resolved
+    grammar: Any = None  # the compiled structured-outputs constraint (xgrammar), if any
 
 
 class InputProcessor:
     def __init__(self, tokenizer: Any, vocab_size: int | None, max_model_len: int, block_size: int | None = None,
-                 num_kv_blocks: int | None = None) -> None:
-        self.tokenizer = tokenizer
+                 num_kv_blocks: int | None = None, structured: Any = None) -> None:
+        self.tokenizer, self.structured = tokenizer, structured
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self.block_size, self.num_kv_blocks = block_size, num_kv_blocks
 
@@ -69,6 +70,11 @@ class InputProcessor:
             raise ValueError("sampling_params must be a SamplingParams")
         text, ids = self.tokenize(prompt)
         self.check_fits(len(ids), params)
+        grammar = None
+        if params.structured_outputs is not None:
+            if self.structured is None:
+                raise ValueError("structured_outputs are not available with this engine")
+            grammar = self.structured.compile(params.structured_outputs)
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
-        return ProcessedPrompt(text, ids, params)
+        return ProcessedPrompt(text, ids, params, grammar)

@@ -9,6 +9,8 @@ OutputProcessor (detokenize, stops, RequestOutputs).
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +23,14 @@ from stablelm_fast.engine.kv_cache import default_num_blocks
 from stablelm_fast.engine.output_processor import OutputProcessor
 from stablelm_fast.engine.scheduler import Scheduler
 from stablelm_fast.engine.sequence import Request, Sequence
+from stablelm_fast.engine.spec_decode import SpeculativeConfig, ngram_propose, verify
+from stablelm_fast.engine.stats import EngineStats, FinishedRequest, StatsLogger, finished_log
 from stablelm_fast.engine.step_input import prepare_step
 from stablelm_fast.layers.sampler import Sampler, SamplingRow
 from stablelm_fast.ops import resolve_backend
 from stablelm_fast.outputs import RequestOutput
 from stablelm_fast.sampling_params import SamplingParams
+from stablelm_fast.structured_outputs import StructuredOutputManager
 from stablelm_fast.tokenizer import Tokenizer
 
 
@@ -45,6 +50,8 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     backend: str = "auto"
     seed: int = 0
+    speculative_config: dict | None = None  # vLLM's: {"method": "ngram", "num_speculative_tokens": k, ...}
+    disable_log_stats: bool = True  # no periodic throughput/load log line (AsyncLLM turns it on)
 
     def validate(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -84,15 +91,23 @@ class LLMEngine:
         self.executor.enable_cuda_graphs(args.max_num_seqs, -(-self.max_model_len // args.block_size))
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         max_batched = args.max_num_batched_tokens or max(self.max_model_len, 2048)
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched)
+        self.spec_config = SpeculativeConfig.from_dict(args.speculative_config)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched,
+                                   propose=self._propose if self.spec_config is not None else None)
+        self.structured = StructuredOutputManager(self.tokenizer, self.config.vocab_size)
         self.input_processor = InputProcessor(self.tokenizer, self.config.vocab_size, self.max_model_len,
-                                              args.block_size, num_blocks)
+                                              args.block_size, num_blocks, self.structured)
+        self._mask_pool: ThreadPoolExecutor | None = None  # structured-output masks, computed during the step
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len, self.scheduler)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._next_id = 0
         self.num_steps = 0
         self.num_prompt_tokens_computed = 0
+        self.num_spec_proposed = self.num_spec_accepted = 0  # draft tokens (speculative decoding)
+        self.num_generation_tokens = 0
+        self.finished: deque[FinishedRequest] = finished_log()  # drained by exporters (/metrics)
+        self._stats_logger = None if args.disable_log_stats else StatsLogger()
         torch.manual_seed(args.seed)
 
     # ---- requests --------------------------------------------------------------------------------------------------
@@ -111,6 +126,8 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already running")
         now = arrival_time or time.monotonic()
         seqs = [Sequence(request_id, i, ids, params, self.tokenizer, now) for i in range(params.n)]
+        for seq in seqs:
+            seq.matcher = self.structured.matcher(prompt.grammar) if prompt.grammar is not None else None
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, now)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -136,6 +153,7 @@ class LLMEngine:
         if batch.is_empty:
             return []
         step = prepare_step(batch, self.block_manager.block_size)
+        masks = self._start_masks([batch.seqs[i] for i in step.sample_seqs])
         try:
             logits = self.executor.execute(step)
         except Exception:
@@ -144,6 +162,7 @@ class LLMEngine:
             raise
         self.num_steps += 1
         self.num_prompt_tokens_computed += self.scheduler.on_step_done(batch)
+        allowed = masks.result() if masks is not None else {}
         touched: dict[str, Request] = {}
         out = self.output_processor
         for i, first_row, count, first_pos in step.prompt_logprob_rows:
@@ -151,21 +170,94 @@ class LLMEngine:
             out.append_prompt_logprobs(self.requests[seq.request_id], seq, first_pos,
                                        logits[first_row: first_row + count])
         if step.sample_seqs:
-            seqs = [batch.seqs[i] for i in step.sample_seqs]
-            rows = [SamplingRow(s.params, s.token_ids[: s.num_prompt_tokens], s.output_token_ids, s.generator,
-                                out.banned_token_ids(s.params)) for s in seqs]
-            tokens, logprobs = self.sampler(logits[logits.shape[0] - len(seqs):], rows)
+            sample_logits = logits[logits.shape[0] - sum(step.sample_rows):]
+            offsets = [sum(step.sample_rows[:k]) for k in range(len(step.sample_rows))]
+            plain = [k for k, n in enumerate(step.sample_rows) if n == 1]
+            emitted: dict[int, tuple[list[int], list]] = {}
+            if plain:  # one batched draw for every sequence without drafts
+                seqs = [batch.seqs[step.sample_seqs[k]] for k in plain]
+                rows = [self._sampling_row(s, allowed=allowed.get(s.seq_id)) for s in seqs]
+                tokens, lps = self.sampler(sample_logits[[offsets[k] for k in plain]], rows)
+                emitted.update({k: ([t], [lp]) for k, t, lp in zip(plain, tokens, lps)})
+            for k, n in enumerate(step.sample_rows):
+                if n > 1:  # drafts: verify them against the target's rows
+                    seq = batch.seqs[step.sample_seqs[k]]
+                    drafts = seq.spec_token_ids
+                    rows = [self._sampling_row(seq, drafts[:j]) for j in range(n)]
+                    emitted[k] = verify(self.sampler, sample_logits[offsets[k]: offsets[k] + n], rows, drafts)
+                    self.num_spec_proposed += len(drafts)
+                    self.num_spec_accepted += len(emitted[k][0]) - 1
+                    self.scheduler.on_spec_verified(seq, len(emitted[k][0]) - 1)
             now = time.monotonic()
-            for seq, token, lp in zip(seqs, tokens, logprobs):
+            for k in range(len(step.sample_seqs)):
+                seq = batch.seqs[step.sample_seqs[k]]
                 req = self.requests[seq.request_id]
-                out.append_token(req, seq, token, lp, now)
+                for token, lp in zip(*emitted[k]):
+                    if seq.is_finished:  # a stop inside the accepted drafts: the rest is dropped
+                        break
+                    out.append_token(req, seq, token, lp, now)
+                    self.num_generation_tokens += 1
                 touched[seq.request_id] = req
         outputs = []
         for req in touched.values():
             outputs.append(out.make_output(req))
             if req.finished:
                 self.requests.pop(req.request_id, None)
+                self._record_finished(req)
+        if self._stats_logger is not None:
+            self._stats_logger.maybe_log(self.stats())
         return outputs
 
+    def stats(self) -> EngineStats:
+        bm, sched = self.block_manager, self.scheduler
+        return EngineStats(
+            num_running=len(sched.running), num_waiting=len(sched.waiting),
+            kv_cache_usage=1.0 - bm.num_free_blocks / bm.num_blocks, num_preemptions=sched.num_preemptions,
+            prompt_tokens=self.num_prompt_tokens_computed, generation_tokens=self.num_generation_tokens,
+            prefix_cache_queries=bm.num_queried_blocks, prefix_cache_hits=bm.num_hit_blocks,
+            spec_draft_tokens=self.num_spec_proposed, spec_accepted_tokens=self.num_spec_accepted,
+            num_steps=self.num_steps)
+
+    def _record_finished(self, req: Request) -> None:
+        m = req.metrics
+        self.finished.append(FinishedRequest(
+            time_to_first_token=m.time_to_first_token, e2e_latency=(m.finished_time or m.arrival_time) - m.arrival_time,
+            finish_reason=req.seqs[0].finish_reason or "abort", num_prompt_tokens=len(req.prompt_token_ids),
+            num_generation_tokens=sum(s.num_output_tokens for s in req.seqs)))
+
+    def _sampling_row(self, seq: Sequence, drafts: list[int] | None = None,
+                      allowed: torch.Tensor | None = None) -> SamplingRow:
+        """What the sampler needs of seq; drafts: the accepted tokens before this row (speculative verification);
+        allowed: the structured-output mask."""
+        out = seq.output_token_ids + (drafts or [])
+        return SamplingRow(seq.params, seq.token_ids[: seq.num_prompt_tokens], out, seq.generator,
+                           self.output_processor.banned_token_ids(seq.params), allowed)
+
+    def _start_masks(self, seqs: list[Sequence]) -> Future | None:
+        """Structured outputs: each sampling sequence's allowed tokens, computed in a thread while the model runs."""
+        constrained = [s for s in seqs if s.matcher is not None]
+        if not constrained:
+            return None
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stablelm-fast-grammar")
+
+        def compute() -> dict[int, torch.Tensor]:
+            masks = self.structured.allowed_masks([s.matcher for s in constrained])
+            return {s.seq_id: m for s, m in zip(constrained, masks)}
+        return self._mask_pool.submit(compute)
+
+    def _propose(self, seq: Sequence, num_running: int) -> list[int]:
+        """n-gram drafts for a decoding sequence, within max_tokens and max_model_len (none in a large batch)."""
+        cfg = self.spec_config
+        if cfg.disable_by_batch_size is not None and num_running > cfg.disable_by_batch_size:
+            return []
+        room = min(self.max_model_len - seq.num_tokens, (seq.params.max_tokens or 0) - seq.num_output_tokens) - 1
+        if room < 1 or seq.matcher is not None:  # no drafts under a grammar
+            return []
+        return ngram_propose(seq.token_ids, min(cfg.num_speculative_tokens, room), cfg.prompt_lookup_min,
+                             cfg.prompt_lookup_max)
+
     def shutdown(self) -> None:
+        if self._mask_pool is not None:
+            self._mask_pool.shutdown(wait=False)
         self.executor.shutdown()

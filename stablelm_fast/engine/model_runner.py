@@ -14,6 +14,7 @@ from stablelm_fast.config import ModelConfig
 from stablelm_fast.engine.step_input import StepInput
 from stablelm_fast.layers.attention import AttentionMetadata
 from stablelm_fast.layers.parallel import TPInfo
+from stablelm_fast.loader import load_model
 from stablelm_fast.model import StableLM
 from stablelm_fast.ops import get_ops
 
@@ -35,14 +36,7 @@ class ModelRunner:
                 self.model = StableLM(config, self.ops, self.tp)
         finally:
             torch.set_default_dtype(prev)
-        self.model.cos_sin = self.model.cos_sin.float()
-        if load_format == "dummy":
-            self.model.init_dummy_weights(seed)
-        else:
-            assert model_dir is not None
-            self.model.load_weights(model_dir)
-        if hasattr(self.ops, "pack_linear_weight"):
-            self.model.pack_linear_weights(self.ops.pack_linear_weight)
+        load_model(self.model, model_dir, load_format, seed)
         self.model.eval()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0

@@ -33,6 +33,8 @@ class OutputProcessor:
     def append_token(self, req: Request, seq: Sequence, token: int, logprobs: dict[int, float] | None,
                      now: float) -> None:
         seq.token_ids.append(token)
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            raise RuntimeError(f"structured outputs: token {token} was sampled outside the grammar")
         if seq.first_token_time is None:
             seq.first_token_time = now
             if req.metrics.first_token_time is None:
@@ -58,6 +60,8 @@ class OutputProcessor:
                     if at != -1:
                         seq.text = seq.text[:at]
                         return self.finish(seq, "stop", stop)
+        if seq.matcher is not None and seq.matcher.is_terminated():  # the constraint is complete
+            return self.finish(seq, "stop", token, strip_token=token in self.tokenizer.eos_token_ids)
         if num_out >= (p.max_tokens or 0) or seq.num_tokens >= self.max_model_len:
             self.finish(seq, "length", None)
 

@@ -5,12 +5,16 @@ arrival order, then waiting sequences are admitted FCFS while the token budget (
 sequence limit (`max_num_seqs`) and the free blocks allow. Prefill and decode mix in one step, and a long prompt is
 cut into chunks so it never stalls running decodes. When the cache runs out of blocks the newest running sequence is
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later.
+
+Speculative decoding: a `propose(seq, num_running)` callback may give a decoding sequence draft tokens
+(seq.spec_token_ids); it then computes 1 + d tokens, and `on_spec_verified` rolls back the rejected ones.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from stablelm_fast.engine.block_manager import BlockManager
 from stablelm_fast.engine.sequence import Sequence, SequenceStatus
@@ -31,7 +35,8 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 propose: Callable[[Sequence, int], list[int]] | None = None) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.bm = block_manager
@@ -39,6 +44,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.propose = propose
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -50,6 +56,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free(seq)
+        seq.spec_token_ids = []
         seq.num_computed_tokens = 0  # recomputed from scratch (the prefix cache usually gives most of it back)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -66,6 +73,12 @@ class Scheduler:
             if budget == 0:
                 break
             num_new = min(seq.num_uncomputed_tokens, budget)
+            seq.spec_token_ids = []
+            if self.propose is not None and seq.num_uncomputed_tokens == 1:
+                drafts = self.propose(seq, len(self.running))[: budget - 1]
+                if drafts and self.bm.can_grow(seq, seq.num_computed_tokens + 1 + len(drafts)):
+                    seq.spec_token_ids = drafts  # never preempt anyone for a guess
+                    num_new = 1 + len(drafts)
             while not self.bm.can_grow(seq, seq.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -74,7 +87,8 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:
                 continue
             self.bm.grow(seq, seq.num_computed_tokens + num_new)
-            self.bm.commit_full_blocks(seq, seq.num_computed_tokens + num_new)
+            # NOTE: only blocks of known tokens are published, never blocks holding drafts
+            self.bm.commit_full_blocks(seq, min(seq.num_computed_tokens + num_new, seq.num_tokens))
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
@@ -107,6 +121,12 @@ class Scheduler:
                 prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += n
         return prompt_tokens
+
+    def on_spec_verified(self, seq: Sequence, num_accepted: int) -> None:
+        """After on_step_done: of seq's drafts only the first num_accepted hold valid K/V; the rest are recomputed
+        (their slots are overwritten at the next steps)."""
+        seq.num_computed_tokens -= len(seq.spec_token_ids) - num_accepted
+        seq.spec_token_ids = []
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence, wherever it is, and free its blocks."""

@@ -35,6 +35,8 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_prompt_tokens = 0  # of those, how many came from the prefix cache at admission
         self.num_preemptions = 0
+        self.matcher = None  # structured outputs: this sequence's xgrammar GrammarMatcher
+        self.spec_token_ids: list[int] = []  # this step's draft tokens (speculative decoding), computed after the rest
         self.arrival_time = arrival_time
         self.first_token_time: float | None = None
         self.finish_reason: str | None = None

@@ -25,9 +25,11 @@ class StepInput:
     logits_indices: torch.Tensor  # [S] int64: rows of the flattened batch whose next token is sampled
     is_decode: bool
     max_q_len: int
-    # driver only (not broadcast): batch index of the sequence each sampled row belongs to (the LAST len(sample_seqs)
-    # rows of the logits), and prompt-logprob rows: (batch index, first logits row, count, first position)
+    # driver only (not broadcast): the sequences that sample (batch index) and how many logits rows each has
+    # (1, or 1 + its drafts), in order: together the LAST sum(sample_rows) rows of the logits; and prompt-logprob
+    # rows: (batch index, first logits row, count, first position)
     sample_seqs: list[int] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
     prompt_logprob_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -42,14 +44,17 @@ def prepare_step(batch: ScheduledBatch, block_size: int) -> StepInput:
     cu = [0]
     context_lens: list[int] = []
     logits_indices: list[int] = []
-    sample_rows: list[int] = []
+    sample_row_ids: list[int] = []
     sample_seqs: list[int] = []
+    sample_rows: list[int] = []
     prompt_rows: list[tuple[int, int, int, int]] = []
     max_blocks = max(len(s.block_table) for s in batch.seqs)
     tables = torch.zeros(len(batch.seqs), max_blocks, dtype=torch.int32)
     for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
         start, stop = seq.num_computed_tokens, seq.num_computed_tokens + n
-        input_ids.extend(seq.token_ids[start:stop])
+        drafts = seq.spec_token_ids  # computed after the sequence's known tokens (speculative decoding)
+        input_ids.extend(seq.token_ids[start: stop - len(drafts)])
+        input_ids.extend(drafts)
         positions.extend(range(start, stop))
         table = seq.block_table
         slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, stop))
@@ -61,9 +66,10 @@ def prepare_step(batch: ScheduledBatch, block_size: int) -> StepInput:
             last = min(stop, seq.num_prompt_tokens - 1)
             prompt_rows.append((i, len(logits_indices), last - start, start))
             logits_indices.extend(range(cu[-2], cu[-2] + last - start))
-        if stop == seq.num_tokens:  # this step completes the sequence's known tokens: sample the next one
-            sample_rows.append(cu[-1] - 1)
+        if stop == seq.num_tokens + len(drafts):  # this step completes the known tokens: sample the next one
+            sample_row_ids.extend(range(cu[-1] - 1 - len(drafts), cu[-1]))
             sample_seqs.append(i)
+            sample_rows.append(1 + len(drafts))
     max_q_len = max(batch.num_new_tokens)
     return StepInput(
         input_ids=torch.tensor(input_ids, dtype=torch.int64),
@@ -72,9 +78,10 @@ def prepare_step(batch: ScheduledBatch, block_size: int) -> StepInput:
         block_tables=tables,
         cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
         context_lens=torch.tensor(context_lens, dtype=torch.int32),
-        logits_indices=torch.tensor(logits_indices + sample_rows, dtype=torch.int64),
+        logits_indices=torch.tensor(logits_indices + sample_row_ids, dtype=torch.int64),
         is_decode=max_q_len == 1,
         max_q_len=max_q_len,
         sample_seqs=sample_seqs,
+        sample_rows=sample_rows,
         prompt_logprob_rows=prompt_rows,
     )

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
-from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
 
+from stablelm_fast.layers.linear import UnquantizedLinearMethod
 from stablelm_fast.layers.parallel import TPInfo, vocab_range
+from stablelm_fast.layers.weights import CheckpointTensor, make_param
 
 
-class VocabEmbedding(nn.Module):
+class _VocabParallel(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPInfo) -> None:
         super().__init__()
-        self.tp = tp
+        self.tp, self.vocab_size = tp, vocab_size
         self.start, self.stop, self.part = vocab_range(vocab_size, tp)
-        self.weight = nn.Parameter(torch.zeros(self.part, hidden_size), requires_grad=False)  # [V / tp, hidden]
+        self.weight = make_param(self.part, hidden_size, loader=self.weight_loader)  # [V / tp, hidden]
 
+    def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: Any = None) -> None:
+        rows = loaded.read_slice(0, self.start, self.stop)
+        param.data.zero_()  # the last rank's padding rows
+        param.data[: rows.shape[0]].copy_(rows)
+
+
+class VocabEmbedding(_VocabParallel):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return nn.functional.embedding(input_ids, self.weight)
@@ -26,14 +35,17 @@ class VocabEmbedding(nn.Module):
         return self.tp.reduce(out)
 
 
-class LMHead(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TPInfo, ops: ModuleType) -> None:
-        super().__init__()
-        self.tp, self.ops, self.vocab_size = tp, ops, vocab_size
-        self.start, self.stop, self.part = vocab_range(vocab_size, tp)
-        self.weight = nn.Parameter(torch.zeros(self.part, hidden_size), requires_grad=False)  # [V / tp, hidden]
+class LMHead(_VocabParallel):
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPInfo, ops: Any) -> None:
+        super().__init__(vocab_size, hidden_size, tp)
+        self.bias = None
+        self.packed_halves = False
+        self.linear_method = UnquantizedLinearMethod(ops)
+
+    def process_weights_after_loading(self) -> None:
+        self.linear_method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, hidden] -> logits [B, vocab] in fp32, gathered from all ranks."""
-        logits = self.ops.linear(x, self.weight).float()
+        logits = self.linear_method.apply(self, x).float()
         return self.tp.gather(logits)[:, : self.vocab_size]

@@ -1,21 +1,24 @@
-"""SwiGLU MLP: down(silu(gate(x)) * up(x)), with gate and up packed into one weight."""
+"""SwiGLU MLP: down(silu(gate(x)) * up(x)), with gate and up packed into one column-parallel weight."""
 
 from __future__ import annotations
 
-from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
 
+from stablelm_fast.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from stablelm_fast.layers.parallel import TPInfo
+
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, ops: ModuleType) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, ops: Any, tp: TPInfo) -> None:
         super().__init__()
-        self.ops = ops
-        # [2 * I, hidden]: gate rows first, then up rows (column-parallel: I is this rank's part)
-        self.gate_up_weight = nn.Parameter(torch.empty(2 * intermediate_size, hidden_size), requires_grad=False)
-        self.down_weight = nn.Parameter(torch.empty(hidden_size, intermediate_size), requires_grad=False)
+        # [2 * I / tp, hidden]: gate rows first, then up rows
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, ops, tp,
+                                                       "intermediate_size")
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, ops, tp, "intermediate_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden], this rank's partial sum (the caller all-reduces)."""
-        return self.ops.linear(self.ops.gate_up_silu(x, self.gate_up_weight), self.down_weight)
+        return self.down_proj(self.gate_up_proj.forward_silu_mul(x))

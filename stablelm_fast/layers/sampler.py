@@ -22,6 +22,7 @@ class SamplingRow:
     output_token_ids: list[int]
     generator: torch.Generator | None
     banned_token_ids: list[int]  # masked while fewer than min_tokens are out (eos and stop ids)
+    allowed: torch.Tensor | None = None  # [vocab] bool: the only tokens it may sample (structured outputs)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -63,45 +64,50 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
 class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits: [B, V] fp32 -> (sampled token per row, logprobs dict per row or None)."""
-        raw_logprobs = None
-        if any(r.params.logprobs is not None for r in rows):
-            raw_logprobs = logits.log_softmax(dim=-1)
+        processed = self.process(logits, rows)
+        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
+        tokens = processed.argmax(dim=-1)
+        if not bool(greedy.all()):
+            tokens = torch.where(greedy, tokens, self.draw(self.probs(processed, rows), rows))
+        token_list = tokens.tolist()
+        return token_list, self.logprobs(logits, rows, token_list)
+
+    @staticmethod
+    def process(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The logits every later step reads: min_tokens bans and penalties applied (a copy)."""
         logits = logits.clone()
         for i, r in enumerate(rows):
+            if r.allowed is not None:
+                logits[i].masked_fill_(~r.allowed.to(logits.device), float("-inf"))
             if r.banned_token_ids and len(r.output_token_ids) < r.params.min_tokens:
+                kept = logits[i, r.banned_token_ids].clone()
                 logits[i, r.banned_token_ids] = float("-inf")
+                if r.allowed is not None and not bool(torch.isfinite(logits[i]).any()):
+                    logits[i, r.banned_token_ids] = kept  # the grammar allows only a stop: it wins over min_tokens
         if any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
                for r in rows):
             apply_penalties(logits, rows)
-        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
-        tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
-            tokens = torch.where(greedy, tokens, self._sample(logits, rows))
-        token_list = tokens.tolist()
-        logprob_dicts: list[dict[int, float] | None] = [None] * len(rows)
-        if raw_logprobs is not None:
-            for i, r in enumerate(rows):
-                if r.params.logprobs is None:
-                    continue
-                entry = {token_list[i]: float(raw_logprobs[i, token_list[i]])}
-                if r.params.logprobs > 0:
-                    top = raw_logprobs[i].topk(r.params.logprobs)
-                    entry.update({int(t): float(v) for t, v in zip(top.indices, top.values)})
-                logprob_dicts[i] = entry
-        return token_list, logprob_dicts
+        return logits
 
     @staticmethod
-    def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        num_rows, vocab = logits.shape
-        device = logits.device
+    def probs(processed: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The distribution a sampled row draws from: temperature, then top-k / top-p / min-p, then softmax."""
+        vocab = processed.shape[1]
+        device = processed.device
         temp = torch.tensor([r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows], device=device)
-        logits = logits / temp[:, None]
+        logits = processed / temp[:, None]
         top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=device)
         top_p = torch.tensor([r.params.top_p for r in rows], device=device)
         min_p = torch.tensor([r.params.min_p for r in rows], device=device)
         if bool((top_k < vocab).any() or (top_p < 1).any() or (min_p > 0).any()):
             logits = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
-        probs = logits.softmax(dim=-1)
+        return logits.softmax(dim=-1)
+
+    @staticmethod
+    def draw(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """One token per row from probs [B, V] (rows need not be normalized)."""
+        num_rows, vocab = probs.shape
+        device = probs.device
         # NOTE: the exponential race argmax(p / E), E ~ Exp(1), samples from p without a multinomial sync, and lets
         # each seeded row draw its noise from its own generator, whatever else is in the batch.
         noise = torch.empty_like(probs)
@@ -112,3 +118,20 @@ class Sampler:
             if r.generator is not None:
                 noise[i] = torch.empty(vocab).exponential_(generator=r.generator).to(device)
         return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, rows: list[SamplingRow], tokens: list[int]) -> list[dict[int, float] | None]:
+        """The model's own log-softmax (before any processing) of each chosen token, plus the top-k, where asked."""
+        out: list[dict[int, float] | None] = [None] * len(rows)
+        if not any(r.params.logprobs is not None for r in rows):
+            return out
+        raw = logits.log_softmax(dim=-1)
+        for i, r in enumerate(rows):
+            if r.params.logprobs is None:
+                continue
+            entry = {tokens[i]: float(raw[i, tokens[i]])}
+            if r.params.logprobs > 0:
+                top = raw[i].topk(r.params.logprobs)
+                entry.update({int(t): float(v) for t, v in zip(top.indices, top.values)})
+            out[i] = entry
+        return out

@@ -1,28 +1,20 @@
-"""Op backends. Every backend module exposes the same functions with the signatures of `reference.py`:
+"""Op backends. The interface is declared once, in registry.py (OPS: name, signature, torch reference); each
+backend module implements what it can:
 
-    linear(x, weight, bias)                       -> F.linear semantics; x: [M, K], weight: [N, K]
-    gate_up_silu(x, gate_up_weight)               -> silu(x Wg^T) * (x Wu^T), [M, I]
-    layernorm(x, weight, bias, eps)
-    add_layernorm(x, residual, weight, bias, eps) -> (normed, new_residual)
-    silu_and_mul(gate_up)
-    qk_norm_rope_cache(qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
-                       slot_mapping, num_q_heads, num_kv_heads, head_dim) -> q
-    paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
-    paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    "torch"  (ops/torch_ops.py: the references, torch's GEMM)      "cpu"  (ops/cpu_ops.py: the C++ extension, csrc/cpu)
+    "triton" (ops/triton_ops.py: kernels/, torch GEMM)            "cuda" (ops/cuda_ops.py: csrc/cuda, then triton)
 
-Backends: "torch" (ops.torch_ops, the reference), "cpu" (ops.cpu_ops, the C++ extension), "triton"
-(ops.triton_ops, kernels/), "cuda" (ops.cuda_ops, the C++ extension's CUDA kernels).
+`get_ops(backend)` binds every op once (registry.OpTable) along the backend's fallback chain.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from types import ModuleType
 
 import torch
 
-BACKENDS = ("torch", "cpu", "triton", "cuda")
+from stablelm_fast.ops.registry import BACKENDS, OPS, OpTable  # noqa: F401  (the public names of this package)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -54,6 +46,6 @@ def extension_has_cuda() -> bool:
     return extension_available() and torch.cuda.is_available() and hasattr(torch.ops.stablelm_fast, "cuda_available")
 
 
-def get_ops(backend: str) -> ModuleType:
-    """The module implementing `backend` (already resolved by resolve_backend)."""
-    return importlib.import_module(f"stablelm_fast.ops.{backend}_ops")
+def get_ops(backend: str) -> OpTable:
+    """Every op of `backend` (already resolved by resolve_backend), bound once."""
+    return OpTable(backend)

@@ -1,9 +1,9 @@
 """The `cuda` backend: the C++ extension's CUDA kernels (csrc/cuda/), same signatures as ops/reference.py.
 
-Ops with a CUDA kernel: layernorm, add_layernorm, silu_and_mul, qk_norm_rope_cache, paged_attention_decode. The
-torch.ops are registered for CPU and CUDA alike, so the Python wrappers (output allocation) are cpu_ops' own; this
-module only decides, per call, between the kernel and a fallback: cuBLAS (F.linear) for GEMMs, the Triton varlen
-kernel for prefill/extend attention (the torch reference if Triton is missing), the reference for unsupported dtypes.
+Ops with a CUDA kernel: layernorm, add_layernorm, silu_and_mul, qk_norm_rope_cache, paged_attention_decode, served
+through ops/extension.py's wrappers (the torch.ops are registered for CPU and CUDA alike). Each op here decides per
+call between its kernel and the reference (dtypes/head sizes the kernel does not take). GEMMs are cuBLAS (F.linear);
+prefill/extend attention (no CUDA varlen kernel yet) comes from the triton backend through registry.FALLBACK.
 """
 
 from __future__ import annotations
@@ -11,13 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stablelm_fast.ops import cpu_ops as _wrappers
+from stablelm_fast.ops import extension as _wrappers
 from stablelm_fast.ops import reference as _ref
-
-try:  # NOTE: no varlen CUDA kernel in csrc/ yet; the Triton one is the fast path on GPUs.
-    from stablelm_fast.kernels.paged_attention_prefill import paged_attention as _triton_paged_attention
-except ImportError:  # pragma: no cover  (triton is installed wherever CUDA is)
-    _triton_paged_attention = None
 
 
 def _kernel_ok(t: torch.Tensor) -> bool:
@@ -60,8 +55,3 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scal
     ok = _kernel_ok(q) and k_cache.dtype == q.dtype and q.shape[-1] <= 256
     impl = _wrappers.paged_attention_decode if ok else _ref.paged_attention_decode
     return impl(q.contiguous() if ok else q, k_cache, v_cache, block_tables, context_lens, scale)
-
-
-def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
-    impl = _triton_paged_attention if (_triton_paged_attention is not None and q.is_cuda) else _ref.paged_attention
-    return impl(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)

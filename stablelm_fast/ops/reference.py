@@ -14,6 +14,11 @@ import torch
 import torch.nn.functional as F
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K]; weight: [N, K]; bias: [N] -> [M, N] (F.linear: computed in x.dtype by torch's GEMM)."""
+    return F.linear(x, weight, bias)
+
+
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """x: [T, H]; weight, bias: [H]. Computed in fp32, returned in x.dtype."""
     out = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
@@ -126,6 +131,7 @@ def paged_attention(
     cu_seqlens_q: torch.Tensor,  # [B + 1] int32: sequence b's new tokens are q[cu[b]:cu[b+1]]
     context_lens: torch.Tensor,  # [B] int32: tokens in the cache for b, including its new ones
     scale: float,
+    max_q_len: int | None = None,  # the longest q run, if the caller knows it (kernels size grids without a sync)
 ) -> torch.Tensor:
     """Causal attention for prefill, chunked prefill / prefix-cache extend, and decode (q_len = 1) alike.
 
@@ -146,8 +152,8 @@ def paged_attention(
         k = gather_kv(k_cache, block_tables[b], ctx).float().repeat_interleave(group, dim=1)  # [ctx, Hq, D]
         v = gather_kv(v_cache, block_tables[b], ctx).float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", qb, k) * scale
-        q_pos = torch.arange(ctx - q_len, ctx)[:, None]
-        mask = torch.arange(ctx)[None, :] > q_pos  # [q_len, ctx]
+        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+        mask = torch.arange(ctx, device=q.device)[None, :] > q_pos  # [q_len, ctx] (on q's device: CUDA too)
         scores.masked_fill_(mask[None], float("-inf"))
         probs = scores.softmax(dim=-1)
         out[cu[b] : cu[b + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)

@@ -20,6 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from stablelm_fast.kernels._common import host_value_once
 from stablelm_fast.kernels.add_layernorm import add_layernorm, layernorm  # noqa: F401
 from stablelm_fast.kernels.paged_attention_decode import paged_attention_decode as _triton_paged_attention_decode
 from stablelm_fast.kernels.paged_attention_prefill import paged_attention as _triton_paged_attention
@@ -69,6 +70,7 @@ def paged_attention(
     cu_seqlens_q: torch.Tensor,  # [B + 1] int32
     context_lens: torch.Tensor,  # [B] int32, including the new tokens
     scale: float,
+    max_q_len: int | None = None,  # longest q run (host int): no device sync to size the grid
 ) -> torch.Tensor:
     """Causal paged varlen attention (prefill / chunked prefill / prefix extend). Returns [T, Hq, D]."""
     if _use_flash_attn(q, k_cache):
@@ -76,13 +78,16 @@ def paged_attention(
 
         # Paged K/V: k and v are the whole caches, cu_seqlens_k the cumulative context lengths.
         cu_seqlens_k = F.pad(torch.cumsum(context_lens, 0, dtype=torch.int32), (1, 0))
-        max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
-        max_k = int(context_lens.max().item())
+        # max_q: the caller's host int when given; else (like max_k) read once per step, not once per layer
+        max_q = max_q_len if max_q_len is not None else host_value_once(
+            "max_seqlen_q", cu_seqlens_q, lambda cu: (cu[1:] - cu[:-1]).max().item())
+        max_k = host_value_once("max_seqlen_k", context_lens, lambda c: c.max().item())
         return flash_attn_varlen_func(
             q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
             softmax_scale=scale, causal=True, block_table=block_tables,
         )
-    return _triton_paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+    return _triton_paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+                                   max_seqlen_q=max_q_len)
 
 
 def paged_attention_decode(

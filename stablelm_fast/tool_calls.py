@@ -35,6 +35,21 @@ def select_tools(tools: list[dict] | None, tool_choice: Any) -> list[dict]:
     return list(tools)
 
 
+def forced_calls_schema(tools: list[dict], single: bool) -> dict:
+    """tool_choice "required" (or a named function: single=True): the JSON schema of the reply the model must write,
+    a list of {"name": one of the tools, "arguments": that tool's parameters}, for structured outputs."""
+    variants = []
+    for t in tools:
+        fn = t.get("function") or {}
+        params = fn.get("parameters") or {"type": "object"}
+        variants.append({"type": "object", "properties": {"name": {"const": fn.get("name")}, "arguments": params},
+                         "required": ["name", "arguments"], "additionalProperties": False})
+    schema: dict = {"type": "array", "minItems": 1, "items": variants[0] if len(variants) == 1 else {"anyOf": variants}}
+    if single:
+        schema["maxItems"] = 1
+    return schema
+
+
 def content_text(content: Any) -> str:
     """A message's content as text: a string, None, or a list of {"type": "text", "text": ...} parts."""
     if content is None:

@@ -1,0 +1,153 @@
+"""Speculative decoding (n-gram prompt lookup): acceptance, tokens per step and batch-1 decode speed-up, plus what
+verifying k + 1 tokens costs against 1 on the StableLM-2-1.6B shape.
+
+    .venv/bin/python bench/spec_decode.py                       # the built-in trained model, code-rewrite workload
+    .venv/bin/python bench/spec_decode.py --model DIR --k 2 4 6 --verify-cost
+
+Workload ("code rewrite", where the output repeats the prompt): each prompt is a function from the held-out part of
+the model's corpus (the Python stdlib), then a comment asking for it again and its first line; greedy decoding of
+--max-tokens tokens. Measured: decode tok/s = generated tokens / (wall time - time to first token), per prompt, then
+the median, with and without speculation, one after the other in this process; the outputs must be identical
+(greedy). acceptance = accepted drafts / proposed drafts; tokens per step = generated tokens / decode steps.
+--verify-cost: one forward of 1 + k tokens of one sequence (a verification step) against a 1-token decode step, on
+random 1.6B-shaped weights (load_format dummy, bf16, cpu backend): the ratio says how cheap verification is when
+decode reads the weights once per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from bench.common import describe_machine, median, print_table, set_threads  # noqa: E402
+
+BUILTIN_MODEL = os.path.join(ROOT, "stablelm_fast", "assets", "stablelm-pystdlib-4m")
+
+
+def rewrite_prompts(num: int, max_lines: int = 14) -> list[str]:
+    """Functions of the held-out stdlib files, each followed by a request to write it again and its first line."""
+    from tools.stdlib_corpus import split
+
+    prompts = []
+    for _, text in split()[1]:
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("def ") and len(prompts) < num:
+                body = [line]
+                for nxt in lines[i + 1: i + max_lines]:
+                    if nxt and not nxt.startswith((" ", "\t")):
+                        break
+                    body.append(nxt)
+                if len(body) >= 4:
+                    src = "\n".join(body).rstrip()
+                    prompts.append(f"{src}\n\n\n# The same function, unchanged:\n{body[0]}\n")
+        if len(prompts) >= num:
+            break
+    return prompts
+
+
+def run(llm, prompts: list[str], max_tokens: int) -> tuple[list[list[int]], float, int]:
+    """-> (token ids per prompt, median decode tok/s, engine steps after the first token, summed)."""
+    from stablelm_fast import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    outs, rates, steps = [], [], 0
+    for p in prompts:
+        t0 = time.perf_counter()
+        n0 = llm.engine.num_steps
+        o = llm.generate(p, params)[0]
+        wall = time.perf_counter() - t0
+        ttft = o.metrics.first_token_time - o.metrics.arrival_time
+        n = len(o.outputs[0].token_ids)
+        rates.append((n - 1) / max(wall - ttft, 1e-9))
+        steps += llm.engine.num_steps - n0 - 1  # minus the prefill step
+        outs.append(o.outputs[0].token_ids)
+    return outs, median(rates), steps
+
+
+def verify_cost(ks: list[int], repeats: int = 5) -> list[list]:
+    """Step time of 1 + k tokens of one sequence vs 1 token, 1.6B shape, dummy weights, cpu backend, bf16."""
+    from bench.common import make_checkpoint
+    from stablelm_fast import LLM
+
+    cache = os.path.join(ROOT, "bench", ".cache", "stablelm-2-1_6b-shape-config-only")
+    model_dir = make_checkpoint(cache, weights=False, quiet=True)
+    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", num_kv_blocks=64, max_model_len=1024)
+    runner = llm.engine.executor
+    from stablelm_fast.engine.scheduler import ScheduledBatch
+    from stablelm_fast.engine.sequence import Sequence
+    from stablelm_fast.engine.step_input import prepare_step
+    from stablelm_fast.sampling_params import SamplingParams
+
+    rows, base = [], None
+    for k in [0] + ks:
+        seq = Sequence("b", 0, list(range(8, 8 + 200 + k)), SamplingParams(), None, 0.0)
+        seq.block_table = list(range(-(-seq.num_tokens // 16)))
+        seq.num_computed_tokens = 199
+        step = prepare_step(ScheduledBatch([seq], [1 + k]), 16)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            runner.execute(step)
+            times.append(time.perf_counter() - t0)
+        t = median(times)
+        base = base or t
+        rows.append([1 + k, f"{t * 1e3:.1f}", f"{t / base:.2f}x"])
+    llm.shutdown()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=BUILTIN_MODEL)
+    ap.add_argument("--k", type=int, nargs="+", default=[2, 4, 6], help="num_speculative_tokens to try")
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--verify-cost", action="store_true", help="also time 1 + k tokens vs 1 on the 1.6B shape")
+    args = ap.parse_args()
+    threads = set_threads()
+    from stablelm_fast import LLM
+
+    print(f"machine: {describe_machine()} ({threads} threads)")
+    prompts = rewrite_prompts(args.prompts)
+    kw = dict(dtype=args.dtype, backend=args.backend, num_kv_blocks=256)
+    base_llm = LLM(args.model, **kw)
+    run(base_llm, prompts[:1], 8)  # warm-up
+    ref, base_rate, base_steps = run(base_llm, prompts, args.max_tokens)
+    base_llm.shutdown()
+    table = [["off", "-", "-", f"{sum(map(len, ref)) / max(base_steps, 1):.2f}", f"{base_rate:.1f}", "1.00x", "-"]]
+    for k in args.k:
+        cfg = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
+        llm = LLM(args.model, speculative_config=cfg, **kw)
+        run(llm, prompts[:1], 8)
+        llm.engine.num_spec_proposed = llm.engine.num_spec_accepted = 0
+        outs, rate, steps = run(llm, prompts, args.max_tokens)
+        e = llm.engine
+        acc = e.num_spec_accepted / max(e.num_spec_proposed, 1)
+        same = "yes" if outs == ref else "NO"
+        table.append([f"ngram k={k}", e.num_spec_proposed, f"{acc:.0%}", f"{sum(map(len, outs)) / max(steps, 1):.2f}",
+                      f"{rate:.1f}", f"{rate / base_rate:.2f}x", same])
+        llm.shutdown()
+    print(f"\ncode-rewrite workload: {len(prompts)} prompts, greedy, {args.max_tokens} tokens each, {args.dtype}, "
+          f"model {os.path.basename(args.model.rstrip('/'))}")
+    print_table(table, ["speculation", "drafts proposed", "accepted", "tokens/step", "decode tok/s (median)",
+                        "speed-up", "same tokens"])
+    if args.verify_cost:
+        print("\nverification cost, StableLM-2-1.6B shape (dummy bf16 weights, cpu backend), one sequence at 200 "
+              "tokens of context:")
+        print_table(verify_cost(args.k), ["tokens in the step", "step ms (median)", "vs 1 token"])
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -1,0 +1,41 @@
+"""paged_attention_decode (one new token per sequence): every implementation against the reference, batches of
+1 / 7 / 83 / 1031 sequences over NaN-poisoned paged caches."""
+
+import pytest
+import torch
+
+from op_impls import DTYPES, TOKEN_COUNTS, close, device, implementations, op, paged_kv, skip_unsupported
+from stablelm_fast.ops import reference as ref
+
+HEADS = [(64, 2, 2, 16), (80, 4, 1, 8), (160, 4, 2, 16)]
+
+
+@pytest.mark.parametrize("backend", implementations("paged_attention_decode"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", TOKEN_COUNTS)
+@pytest.mark.parametrize("head_dim,hq,hkv,block_size", HEADS)
+def test_paged_attention_decode(backend, dtype, batch, head_dim, hq, hkv, block_size):
+    skip_unsupported(backend, dtype, batch, max_interpreted_tokens=8)
+    if batch > 100 and head_dim != 64:
+        pytest.skip("the reference loops over sequences in Python: 1031 sequences at one head size")
+    g = torch.Generator().manual_seed(batch + head_dim)
+    ctxs = torch.randint(1, 70, (batch,), generator=g).tolist()
+    k, v, tables = paged_kv(ctxs, hkv, head_dim, block_size, dtype, g)
+    q = torch.randn(batch, hq, head_dim, generator=g).to(dtype)
+    lens = torch.tensor(ctxs, dtype=torch.int32)
+    dev = device(backend)
+    got = op(backend, "paged_attention_decode")(q.to(dev), k.to(dev), v.to(dev), tables.to(dev), lens.to(dev),
+                                                head_dim ** -0.5)
+    assert not got.isnan().any()
+    close(got, ref.paged_attention_decode(q, k, v, tables, lens, head_dim ** -0.5), dtype, fp32=2e-4)
+
+
+def test_opcheck():
+    import stablelm_fast.ops.cpu_ops  # noqa: F401  (registers the ops' fake kernels)
+
+    g = torch.Generator().manual_seed(0)
+    k, v, tables = paged_kv([6, 3], 2, 64, 4, torch.float32, g)
+    k, v = k.nan_to_num(), v.nan_to_num()
+    args = (torch.empty(2, 4, 64), torch.randn(2, 4, 64), k, v, tables, torch.tensor([6, 3], dtype=torch.int32),
+            0.125)
+    torch.library.opcheck(torch.ops.stablelm_fast.paged_attention_decode.default, args)
