@@ -29,7 +29,13 @@ void run_packed(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor&
   }
   if (x.size(0) == 0 || n_out == 0) return;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  if (layout == Layout::kVnni) return vnni_gemm(out, x, packed, bp, gate_up);
+  if (layout == Layout::kVnni) {
+    TORCH_CHECK(static_cast<int>(cpu_isa()) >= static_cast<int>(Isa::kAvx512Bf16),
+                "this weight was packed for avx512bf16 (vnni layout) but the process runs ", isa_name(cpu_isa()),
+                " (STABLELM_FAST_ISA / the CPU): pack weights in the process that uses them");
+    if (use_brgemm(x.size(0))) return brgemm_gemm(out, x, packed, bp, gate_up);
+    return vnni_gemm(out, x, packed, bp, gate_up);
+  }
   if (cpu_has_avx2()) return panel_gemm(out, x, packed, bp, gate_up);
   scalar_gemm(out, x, packed, bp, gate_up);
 }

@@ -148,13 +148,15 @@ SLF_AVX512BF16 void run(const bf16* x, int64_t ldx, int64_t M, int64_t K, const 
 
 void vnni_gemm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed, const float* bias,
                bool gate_up) {
-  TORCH_CHECK(static_cast<int>(cpu_isa()) >= static_cast<int>(Isa::kAvx512Bf16),
-              "this weight was packed for avx512bf16 (vnni layout) but the process runs ", isa_name(cpu_isa()),
-              " (STABLELM_FAST_ISA / the CPU): pack weights in the process that uses them");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "vnni-packed weights take bfloat16 x, got ", x.scalar_type());
   run(reinterpret_cast<const bf16*>(x.data_ptr()), x.stride(0), x.size(0), x.size(1),
       reinterpret_cast<const bf16*>(packed.data_ptr()), out.size(1), gate_up, bias,
       reinterpret_cast<bf16*>(out.data_ptr()), out.stride(0));
+}
+
+SLF_AVX512BF16 void emit_bf16_rows(const float* c, const float* cu, int64_t ldc, int64_t rows, const float* bias,
+                                   int64_t width, c10::BFloat16* out, int64_t ldo) {
+  for (int64_t t = 0; t < rows; ++t) emit(c + t * ldc, cu ? cu + t * ldc : nullptr, bias, width, out + t * ldo);
 }
 
 }  // namespace slf::cpu
