@@ -181,7 +181,16 @@ def machine_info() -> dict:
     info["fma"] = "fma" in flags
     info["avx512f"] = "avx512f" in flags
     info["avx512_bf16"] = "avx512_bf16" in flags
+    info["avx512_vnni"] = "avx512_vnni" in flags
     info["amx"] = any(f.startswith("amx") for f in flags)
+    # The ISA flags that pick kernels (ours and oneDNN's), as /proc/cpuinfo spells them.
+    info["isa_flags"] = " ".join(sorted(f for f in flags if f in ("avx2", "fma", "f16c") or f.startswith(("avx512", "amx"))))
+    try:  # the ISA our CPU kernels run with (csrc/cpu/isa.h)
+        from stablelm_fast.ops.cpu_linear import cpu_isa
+
+        info["kernels_isa"] = cpu_isa()
+    except Exception:  # extension not built: the torch backend benches still run
+        info["kernels_isa"] = None
     info["cuda"] = torch.cuda.is_available()
     try:
         info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
@@ -192,9 +201,9 @@ def machine_info() -> dict:
 
 def describe_machine(info: dict | None = None) -> str:
     info = info or machine_info()
-    isa = [k for k in ("avx2", "fma", "avx512f", "avx512_bf16", "amx") if info.get(k)]
+    isa = [k for k in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx") if info.get(k)]
     return (f"{info['cpu']}, {info['cores']} cores, {info.get('ram_gb', '?')} GB RAM, ISA: {'/'.join(isa) or 'none'}, "
-            f"torch {info['torch']}, Python {info['python']}")
+            f"our CPU kernels: {info.get('kernels_isa') or 'n/a'}, torch {info['torch']}, Python {info['python']}")
 
 
 def measure_bandwidth(size_gb: float = 1.0, repeats: int = 7) -> dict:

@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-iters", type=int, default=1, help="latency iterations per engine (after a warm-up)")
     p.add_argument("--prefill-iters", type=int, default=1, help="extra prefill-only latency iterations")
     p.add_argument("--hf-dtype", default="auto",
-                   help="HF transformers dtype; auto: --dtype, but float32 when this CPU's torch bf16 GEMM is far "
-                        "slower than fp32 (no AVX-512-BF16/AMX: torch falls back to a slow kernel)")
+                   help="HF transformers dtype; auto: its faster of bfloat16 and float32 on this machine, measured "
+                        "first by a short prefill run of each (compute-bound, as the metrics compared with HF)")
     p.add_argument("--tp-prompts", type=int, default=32)
     p.add_argument("--tp-input-len", type=int, default=128)
     p.add_argument("--tp-output-len", type=int, default=64)
@@ -120,6 +120,22 @@ def ensure_bench_deps() -> None:
         importlib.invalidate_caches()
 
 
+def pick_hf_dtype(model: str, args: argparse.Namespace) -> tuple[str, dict]:
+    """HF transformers' faster dtype here: a short latency run (prefill of --input-len, 4 decode steps) in bfloat16
+    and in float32; the higher prefill tok/s wins (AMX / AVX512-BF16 CPUs: bf16; AVX2-only ones: fp32)."""
+    probe = {}
+    for dtype in ("bfloat16", "float32"):
+        r = run_json("latency.py", "--backend", "hf", "--model", model, "--dtype", dtype, "--input-len",
+                     str(args.input_len), "--output-len", "4", "--num-iters", "1", "--prefill-iters", "1",
+                     "--no-bandwidth") or {}
+        probe[dtype] = {"prefill_tok_s": r.get("prefill_tok_s"), "decode_tok_s": r.get("decode_tok_s")}
+    best = max(probe, key=lambda d: probe[d]["prefill_tok_s"] or 0.0)
+    print(f"[compare] HF transformers dtype probe: " + ", ".join(
+        f"{d} prefill {v['prefill_tok_s'] or 0:.1f} / decode {v['decode_tok_s'] or 0:.2f} tok/s"
+        for d, v in probe.items()) + f": HF runs in {best}", flush=True)
+    return best, probe
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or not b else a / b
 
@@ -153,14 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         if gguf_path is None:
             engines.remove("llama.cpp")
 
-    hf_dtype = args.hf_dtype
-    if hf_dtype == "auto":
-        hf_dtype = args.dtype
-        slow = limits.get("gemm_bf16_gflops", 1.0) < 0.25 * limits.get("gemm_fp32_gflops", 0.0)
-        if args.dtype == "bfloat16" and slow:
-            hf_dtype = "float32"
-            print(f"[compare] torch bf16 GEMM here: {limits['gemm_bf16_gflops']:.1f} GFLOP/s vs fp32 "
-                  f"{limits['gemm_fp32_gflops']:.0f}: HF transformers runs in float32 (its fastest dtype here)")
+    hf_dtype, hf_probe = args.hf_dtype, None
+    if hf_dtype == "auto" and "hf" in engines:
+        hf_dtype, hf_probe = pick_hf_dtype(model, args)
     lat_args = ["--model", model, "--input-len", str(args.input_len), "--output-len", str(args.output_len),
                 "--num-iters", str(args.num_iters), "--prefill-iters", str(args.prefill_iters)]
     tp_args = ["--model", model, "--num-prompts", str(args.tp_prompts),
@@ -187,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n== stablelm-fast vs HF transformers vs llama.cpp | {os.path.basename(model)} {args.dtype} | "
           f"{info['cores']} threads ==")
     print(f"machine: {common.describe_machine(info)}")
+    print(f"CPU ISA flags: {info.get('isa_flags') or 'n/a'}; HF transformers dtype: {hf_dtype}")
     if bw:
         print(f"measured memory read bandwidth {bw:.1f} GB/s; GEMM peak fp32 {limits.get('gemm_fp32_gflops', 0):.0f} "
               f"/ bf16 {limits.get('gemm_bf16_gflops', 0):.0f} GFLOP/s; decode reads "
@@ -224,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": stamp, "machine": info, "limits": limits, "model": model, "dtype": args.dtype,
         "settings": {k: getattr(args, k) for k in ("input_len", "output_len", "num_iters", "tp_prompts",
                                                    "tp_input_len", "tp_output_len", "backend", "quick")},
-        "hf_dtype": hf_dtype, "summary": rows, "ratios": ratios, "targets": verdicts, "llama_cpp": llama_note,
+        "hf_dtype": hf_dtype, "hf_dtype_probe": hf_probe, "summary": rows, "ratios": ratios, "targets": verdicts, "llama_cpp": llama_note,
         "raw": results, "seconds": time.time() - t_start})
     print(f"wrote {out_json}")
     if not args.no_plot:

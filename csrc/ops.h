@@ -5,6 +5,7 @@
 #include <torch/all.h>
 
 #include <optional>
+#include <string>
 
 // ---- CPU (csrc/cpu/) ----
 
@@ -33,11 +34,12 @@ void paged_attention_decode(torch::Tensor& out, const torch::Tensor& q, const to
                             const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                             const torch::Tensor& context_lens, double scale);
 
-// csrc/cpu/gemv.cpp
+// csrc/cpu/linear.cpp: weights packed by pack_linear_weight (layouts in csrc/cpu/packed.h)
 void linear(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight,
             const std::optional<torch::Tensor>& bias);
 void gate_up_silu(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& gate_up_weight);
-void pack_linear_weight(torch::Tensor& out, const torch::Tensor& weight);
+void pack_linear_weight(torch::Tensor& out, const torch::Tensor& weight, bool halves);
+std::string cpu_isa();
 
 // ---- CUDA (csrc/cuda/torch_wrappers.cu; only in builds with SLF_WITH_CUDA) ----
 #ifdef SLF_WITH_CUDA

@@ -39,17 +39,21 @@ TORCH_LIBRARY(stablelm_fast, ops) {
       "Tensor context_lens, float scale) -> ()");
   ops.impl("paged_attention_decode", torch::kCPU, &paged_attention_decode);
 
-  // out[M, N] = x[M, K] @ weight[N, K]^T (+ bias): the weight-streaming small-M GEMM for decode.
+  // Linear layers on weights packed once at load (csrc/cpu/packed.h: the shape tells the layout and so the ISA):
+  // out[M, N] = x[M, K] @ W[N, K]^T (+ bias).
   ops.def("linear(Tensor! out, Tensor x, Tensor weight, Tensor? bias) -> ()");
   ops.impl("linear", torch::kCPU, &linear);
 
-  // out[M, I] = silu(x @ Wg^T) * (x @ Wu^T), gate_up_weight = [Wg; Wu]: [2I, K], streamed once.
+  // out[M, I] = silu(x @ Wg^T) * (x @ Wu^T), gate_up_weight = [Wg; Wu] packed with halves=True.
   ops.def("gate_up_silu(Tensor! out, Tensor x, Tensor gate_up_weight) -> ()");
   ops.impl("gate_up_silu", torch::kCPU, &gate_up_silu);
-  // linear / gate_up_silu also take weights in this layout: out[N / 16, K, 16] = weight [N, K] in panels of 16
-  // output features (csrc/cpu/panel.h), for the CPU GEMM that reads them in place.
-  ops.def("pack_linear_weight(Tensor! out, Tensor weight) -> ()");
+  // out = weight [N, K] packed into the layout out's shape names: [N, K, 1] panels (AVX2 / scalar) or
+  // [N, K / 2, 2] vnni (AVX512-BF16 / AMX, bf16); halves: weight = [Wg; Wu], each half packed on its own.
+  ops.def("pack_linear_weight(Tensor! out, Tensor weight, bool halves) -> ()");
   ops.impl("pack_linear_weight", torch::kCPU, &pack_linear_weight);
+  // The ISA the CPU kernels run with (csrc/cpu/isa.h): "amx", "avx512bf16", "avx2" or "scalar"; probed once,
+  // capped by STABLELM_FAST_ISA.
+  ops.def("cpu_isa() -> str", &cpu_isa);
 #ifdef SLF_WITH_CUDA
   // CUDA kernels (csrc/cuda/); ops without a CUDA kernel fall back to the reference in ops/cuda_ops.py.
   ops.impl("layernorm", torch::kCUDA, &layernorm_cuda);

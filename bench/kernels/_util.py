@@ -16,15 +16,21 @@ if os.environ.get("SLF_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["SLF_BENCH_THREADS"]))
 
 
+# NOTE: SLF_BENCH_CPU_TIME=1 times with the process's CPU time instead of the wall clock: on a machine shared with
+# other work, a compute-bound kernel then reads about as it would alone (waiting threads count for OpenMP's spin
+# time, so use it with SLF_BENCH_THREADS=1 for clean figures).
+CLOCK = time.process_time if os.environ.get("SLF_BENCH_CPU_TIME") else time.perf_counter
+
+
 def timeit(fn, min_time: float = 0.3, max_iters: int = 200) -> float:
     """Median seconds per call of fn() (after a warm-up call)."""
     fn()
     times = []
     start = time.perf_counter()
     while len(times) < max_iters and (time.perf_counter() - start < min_time or len(times) < 3):
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(CLOCK() - t)
     times.sort()
     return times[len(times) // 2]
 
@@ -49,3 +55,31 @@ def row(name: str, t_ref: float, t_ours: float, nbytes: int | None = None, bw: f
         gbs = nbytes / t_ours / 1e9
         line += f"   {gbs:6.1f} GB/s ({100 * gbs / bw:4.0f}% of {bw:.1f})"
     print(line, flush=True)
+
+
+def cpu_model() -> str:
+    """The CPU model name (/proc/cpuinfo), or the platform's processor string elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> str:
+    """The ISA flags that pick the CPU kernels (avx2, fma, avx512*, amx*) from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    keep = [f for f in flags if f in ("avx2", "fma", "f16c") or f.startswith(("avx512", "amx"))]
+                    return " ".join(keep)
+    except OSError:
+        pass
+    return "unknown"

@@ -1,10 +1,11 @@
-"""GEMV / small-M GEMM: torch F.linear vs the C++ weight-streaming kernel on the StableLM-2 1.6B shapes.
+"""GEMV / small-M GEMM: torch F.linear vs the C++ GEMM on packed weights (what the engine runs) on the StableLM-2
+1.6B shapes.
 
     .venv/bin/python bench/kernels/bench_gemv.py [--quick] [--lm-head]
 
 Prints time, speedup and achieved weight-read GB/s against the measured memory bandwidth, and the largest M at
-which the C++ kernel still wins per dtype. Above M = 12 the C++ op is the packed GEMM (bench_gemm.py); with
-STABLELM_FAST_NO_AVX2=1 this measures the scalar paths (the crossover behind cpu_ops.SCALAR_MAX_M).
+which the C++ kernel still wins per dtype. Weights are packed for cpu_isa() (vnni with AVX512-BF16, panels with
+AVX2); STABLELM_FAST_ISA=avx2 / scalar measures the lower ISAs' kernels.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import _util  # noqa: F401  (sys.path)
 import torch
 import torch.nn.functional as F
 
-from stablelm_fast.ops import cpu_ops, reference
+from stablelm_fast.ops import cpu_linear, reference
 
 ops = torch.ops.stablelm_fast
 
@@ -38,27 +39,28 @@ def main() -> None:
         wins = {}
         for name, (n, k) in shapes.items():
             w = torch.randn(n, k).to(dtype)
+            wp = cpu_linear.pack_linear_weight(w)
             for m in ms if name != "lm_head" else [1, 8]:
                 x = torch.randn(m, k).to(dtype)
                 out = torch.empty(m, n, dtype=dtype)
                 t_ref = _util.timeit(lambda: F.linear(x, w))
-                t_ours = _util.timeit(lambda: ops.linear(out, x, w, None))
+                t_ours = _util.timeit(lambda: ops.linear(out, x, wp, None))
                 wins.setdefault(m, []).append(t_ours < t_ref)
                 _util.row(f"{str(dtype)[6:]} linear {name} N={n} K={k} M={m}", t_ref, t_ours, w.numel() * w.element_size(), bw)
-            del w
+            del w, wp
         n2, k = GATE_UP
         w = torch.randn(n2, k).to(dtype)
+        wp = cpu_linear.pack_linear_weight(w, halves=True)
         for m in ms:
             x = torch.randn(m, k).to(dtype)
             out = torch.empty(m, n2 // 2, dtype=dtype)
             t_ref = _util.timeit(lambda: reference.gate_up_silu(x, w))
-            t_ours = _util.timeit(lambda: ops.gate_up_silu(out, x, w))
+            t_ours = _util.timeit(lambda: ops.gate_up_silu(out, x, wp))
             wins.setdefault(m, []).append(t_ours < t_ref)
             _util.row(f"{str(dtype)[6:]} gate_up_silu N={n2} K={k} M={m}", t_ref, t_ours, w.numel() * w.element_size(), bw)
-        del w
+        del w, wp
         crossover = max([m for m in ms if all(wins[m])], default=0)
-        print(f"-- {dtype}: C++ wins on every shape up to M = {crossover} "
-              f"(cpu_ops.SCALAR_MAX_M = {cpu_ops.SCALAR_MAX_M[dtype]}, used without AVX2)")
+        print(f"-- {dtype}: C++ ({cpu_linear.cpu_isa()}) wins on every shape up to M = {crossover}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
 #include <torch/all.h>
 
 #include "common/math_utils.h"
+#include "cpu/isa.h"
 
 // fp32, bf16 and fp16: the activation / weight dtypes every CPU op accepts.
 #define SLF_DISPATCH_CASE_FLOATING_TYPES(...)          \
@@ -21,18 +22,15 @@
 #define SLF_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_SWITCH(TYPE, NAME, SLF_DISPATCH_CASE_FLOATING_TYPES(__VA_ARGS__))
 
-// NOTE: the AVX2 paths are compiled per function with this target attribute (no -march flags), and are chosen at
-// run time with cpu_has_avx2(); every kernel keeps a portable scalar path.
+// NOTE: the AVX2 (and AVX-512) paths are compiled per function with target attributes (no -march flags), and are
+// chosen at run time from cpu_isa() (isa.h); every kernel keeps a portable scalar path.
 #define SLF_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 namespace slf::cpu {
 
-// NOTE: STABLELM_FAST_NO_AVX2=1 forces the portable scalar paths (tests use it to cover them on AVX2 machines).
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c") && std::getenv("STABLELM_FAST_NO_AVX2") == nullptr;
-  return has;
-}
+// NOTE: STABLELM_FAST_ISA=scalar (or STABLELM_FAST_NO_AVX2=1) forces the portable scalar paths (tests use it to
+// cover them on AVX2 machines).
+inline bool cpu_has_avx2() { return static_cast<int>(cpu_isa()) >= static_cast<int>(Isa::kAvx2); }
 
 inline void check_floating(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,

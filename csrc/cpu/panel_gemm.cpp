@@ -1,9 +1,9 @@
-// GEMM on panel-packed weights (panel.h), every M: y[M, N] = x[M, K] @ W[N, K]^T on AVX2/FMA, fp32 accumulation.
+// GEMM on panels-packed weights (packed.h), every M: y[M, N] = x[M, K] @ W[N, K]^T on AVX2/FMA, fp32 accumulation.
 //
 // x is packed per call into groups of 6 tokens ([K][6] fp32, zero-padded). The micro-kernel computes a 16-feature x
 // 6-token tile over the whole K: per k one 32-byte load of the panel row (widened in registers: bf16 by a shift and a
 // mask), 6 broadcasts of x and 12 FMAs into 12 named accumulators. Up to kWidenMinM tokens the weights are read
-// where they lie (a widened copy of W cost a quarter of the time at M = 32 in the row-major packed GEMM, gemm.cpp),
+// where they lie (a widened copy of W cost a quarter of the time at M = 32 in the former row-major packed GEMM),
 // so the same kernel streams the weights at batch 1; from kWidenMinM tokens on, each block of panels is widened to
 // fp32 once for all tokens, and the micro-kernel runs FMAs and loads only.
 //
@@ -14,9 +14,10 @@
 #include <algorithm>
 #include <memory>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/cpu_types.h"
-#include "cpu/panel.h"
+#include "cpu/packed.h"
 #include "cpu/vec_math.h"
 
 namespace slf::cpu {
@@ -31,13 +32,6 @@ constexpr int64_t kWidenMinM = 48;
 // Columns of K per pass over the widened panels (64 KB per panel in fp32): the 1.6B down projection (K = 5632)
 // ran 7-18% slower than the row-major GEMM in one pass, its panel (360 KB) and token group (135 KB) filling L2.
 constexpr int64_t kKChunk = 2048;
-
-// Position of feature f in a panel row: bf16 rows interleave features f and f + 8 in one 32-bit word.
-template <typename scalar_t>
-constexpr int64_t slot_of(int64_t f) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return f < 8 ? 2 * f : 2 * (f - 8) + 1;
-  return f;
-}
 
 // One panel row (16 weights at one k) as fp32: lo = features 0-7, hi = features 8-15.
 SLF_AVX2 inline void load_row(const float* w, __m256& lo, __m256& hi) {
@@ -153,11 +147,22 @@ void run(const scalar_t* x, int64_t ldx, int64_t M, int64_t K, const scalar_t* p
       pack_kmajor(x + g * kTok * ldx, ldx, std::min(kTok, M - g * kTok), K, xp + g * group_stride, kTok, kTok);
   });
 
-  const int64_t n_fp = n_out / kPanel;  // output panels (gate_up: gate panel p, up panel n_fp + p)
+  // Output panels: n_full whole ones, then the tail (packed [K][tail], natural order), widened here to a whole
+  // panel with zero features so that the micro-kernel reads every panel alike.
+  const int64_t n_full = n_out / kPanel, tail = n_out % kPanel, n_fp = n_full + (tail > 0);
+  const int64_t n_mats = gate_up ? 2 : 1;
+  std::vector<scalar_t> tail_buf(tail > 0 ? n_mats * K * kPanel : 0, scalar_t(0.f));
+  for (int64_t m = 0; tail > 0 && m < n_mats; ++m) {
+    const scalar_t* src = panels + m * n_out * K + n_full * K * kPanel;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t f = 0; f < tail; ++f) tail_buf[(m * K + k) * kPanel + panel_slot<scalar_t>(f)] = src[k * tail + f];
+  }
+  auto panel = [&](int64_t m, int64_t p) -> const scalar_t* {
+    return p < n_full ? panels + m * n_out * K + p * K * kPanel : tail_buf.data() + m * K * kPanel;
+  };
   // From kWidenMinM tokens on, half-precision panels are widened to fp32 once per block of panels, for all tokens:
   // the in-loop widening (two integer ops per 12 FMAs) then costs more than the copy.
   const bool widen = !std::is_same_v<scalar_t, float> && M >= kWidenMinM;
-  const int64_t n_mats = gate_up ? 2 : 1;
   // Widened panels of a long K are used kc columns at a time (C accumulated in cbuf), so that a block of panels'
   // chunk and a token group's chunk share L2.
   const int64_t kc = widen ? std::min(K, kKChunk) : K;
@@ -165,13 +170,14 @@ void run(const scalar_t* x, int64_t ldx, int64_t M, int64_t K, const scalar_t* p
   const int64_t per_block = std::clamp<int64_t>(kL2Block / block_bytes, 1, 16);
   // out rows of group g, panel p, from C (gate and up tiles, token t at t * kPanel).
   auto emit = [&](int64_t g, int64_t T, int64_t p, const float* c, const float* cu) {
+    const int64_t width = p < n_full ? kPanel : tail;
     for (int64_t t = 0; t < T; ++t) {
       scalar_t* o = out + (g * kTok + t) * ldo + p * kPanel;
       const float* ct = c + t * kPanel;
       if (gate_up) {
-        for (int64_t j = 0; j < kPanel; ++j) o[j] = silu_mul_out<scalar_t>(ct[j], cu[t * kPanel + j]);
+        for (int64_t j = 0; j < width; ++j) o[j] = silu_mul_out<scalar_t>(ct[j], cu[t * kPanel + j]);
       } else {
-        for (int64_t j = 0; j < kPanel; ++j) o[j] = from_float<scalar_t>(ct[j] + (bias ? bias[p * kPanel + j] : 0.f));
+        for (int64_t j = 0; j < width; ++j) o[j] = from_float<scalar_t>(ct[j] + (bias ? bias[p * kPanel + j] : 0.f));
       }
     }
   };
@@ -184,7 +190,7 @@ void run(const scalar_t* x, int64_t ldx, int64_t M, int64_t K, const scalar_t* p
       if (widen)
         for (int64_t p = pb; p < pe; ++p)
           for (int64_t m = 0; m < n_mats; ++m)
-            widen_panel(panels + (m * n_fp + p) * K * kPanel, K, wbuf.get() + ((p - pb) * n_mats + m) * K * kPanel);
+            widen_panel(panel(m, p), K, wbuf.get() + ((p - pb) * n_mats + m) * K * kPanel);
       for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t kn = std::min(kc, K - k0);
         for (int64_t g = 0; g < n_groups; ++g) {
@@ -196,7 +202,7 @@ void run(const scalar_t* x, int64_t ldx, int64_t M, int64_t K, const scalar_t* p
               if (widen)
                 micro_t(T, wbuf.get() + (((p - pb) * n_mats + m) * K + k0) * kPanel, xg, kn, c + m * tile, k0 > 0);
               else
-                micro_t(T, panels + ((m * n_fp + p) * K + k0) * kPanel, xg, kn, c + m * tile, k0 > 0);
+                micro_t(T, panel(m, p) + k0 * kPanel, xg, kn, c + m * tile, k0 > 0);
             }
             if (k0 + kn == K) emit(g, T, p, c, c + tile);
           }
@@ -208,46 +214,12 @@ void run(const scalar_t* x, int64_t ldx, int64_t M, int64_t K, const scalar_t* p
 
 }  // namespace
 
-void pack_panels(torch::Tensor& out, const torch::Tensor& w) {
-  check_floating(w, "weight");
-  TORCH_CHECK(w.dim() == 2 && w.size(0) % kPanel == 0 && w.stride(1) == 1,
-              "weight must be [N, K] with N a multiple of ", kPanel, " and contiguous rows");
-  const int64_t N = w.size(0), K = w.size(1);
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == N / kPanel && out.size(1) == K && out.size(2) == kPanel &&
-                  out.is_contiguous() && out.scalar_type() == w.scalar_type(),
-              "out must be a contiguous [N / 16, K, 16] tensor of weight's dtype");
-  SLF_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pack_panels", [&] {
-    const scalar_t* src = w.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    const int64_t ldw = w.stride(0);
-    at::parallel_for(0, N / kPanel, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t f = 0; f < kPanel; ++f) {
-          const scalar_t* row = src + (p * kPanel + f) * ldw;
-          scalar_t* d = dst + p * K * kPanel + slot_of<scalar_t>(f);
-          for (int64_t k = 0; k < K; ++k) d[k * kPanel] = row[k];
-        }
-    });
-  });
-}
-
-void panel_gemm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& panels, const float* bias,
+void panel_gemm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed, const float* bias,
                 bool gate_up) {
-  TORCH_CHECK(cpu_has_avx2(), "panel-packed weights need AVX2/FMA (pack weights only where cpu_has_avx2())");
-  check_floating(x, "x");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, K] with contiguous rows");
-  TORCH_CHECK(panels.dim() == 3 && panels.size(1) == x.size(1) && panels.size(2) == kPanel &&
-                  panels.is_contiguous() && panels.scalar_type() == x.scalar_type(),
-              "packed weight must be a contiguous [N / 16, K, 16] tensor of x's dtype with K = x.size(1)");
-  TORCH_CHECK(!gate_up || panels.size(0) % 2 == 0, "packed gate_up weight must hold as many up as gate panels");
-  const int64_t n_out = panels.size(0) * kPanel / (gate_up ? 2 : 1);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == n_out && out.stride(1) == 1 &&
-                  out.scalar_type() == x.scalar_type(),
-              "out must be [M, ", n_out, "] of x's dtype with contiguous rows");
-  if (x.size(0) == 0 || n_out == 0) return;
+  TORCH_CHECK(cpu_has_avx2(), "panel_gemm needs AVX2/FMA (linear.cpp runs scalar_gemm without)");
   SLF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "panel_gemm", [&] {
-    run<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.size(0), x.size(1), panels.data_ptr<scalar_t>(), n_out,
-                  gate_up, bias, out.data_ptr<scalar_t>(), out.stride(0));
+    run<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.size(0), x.size(1), packed.data_ptr<scalar_t>(),
+                  out.size(1), gate_up, bias, out.data_ptr<scalar_t>(), out.stride(0));
   });
 }
 

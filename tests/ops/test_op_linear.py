@@ -56,5 +56,5 @@ def test_opcheck():
 
     x, w, b = _inputs(3, 40, 24, torch.float32, seed=0)
     torch.library.opcheck(torch.ops.stablelm_fast.linear.default, (torch.empty(3, 24), x, w, b))
-    torch.library.opcheck(torch.ops.stablelm_fast.pack_linear_weight.default, (torch.empty(2, 40, 16),
-                                                                               torch.randn(32, 40)))
+    torch.library.opcheck(torch.ops.stablelm_fast.pack_linear_weight.default, (torch.empty(32, 40, 1),
+                                                                               torch.randn(32, 40), False))
