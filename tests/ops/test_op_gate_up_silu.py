@@ -28,7 +28,7 @@ def test_gate_up_silu(backend, dtype, tokens, k, inter):
 
 
 def test_opcheck():
-    import stablelm_fast.ops.cpu_ops  # noqa: F401  (registers the ops' fake kernels)
+    from stablelm_fast.ops.cpu_ops import pack_linear_weight  # (also registers the ops' fake kernels)
 
     torch.library.opcheck(torch.ops.stablelm_fast.gate_up_silu.default,
-                          (torch.empty(3, 12), torch.randn(3, 40), torch.randn(24, 40)))
+                          (torch.empty(3, 12), torch.randn(3, 40), pack_linear_weight(torch.randn(24, 40), halves=True)))

@@ -54,7 +54,9 @@ def test_packing_is_invisible(backend):
 def test_opcheck():
     import stablelm_fast.ops.cpu_ops  # noqa: F401  (registers the ops' fake kernels)
 
+    from stablelm_fast.ops.cpu_ops import pack_linear_weight
+
     x, w, b = _inputs(3, 40, 24, torch.float32, seed=0)
-    torch.library.opcheck(torch.ops.stablelm_fast.linear.default, (torch.empty(3, 24), x, w, b))
+    torch.library.opcheck(torch.ops.stablelm_fast.linear.default, (torch.empty(3, 24), x, pack_linear_weight(w), b))
     torch.library.opcheck(torch.ops.stablelm_fast.pack_linear_weight.default, (torch.empty(32, 40, 1),
                                                                                torch.randn(32, 40), False))
