@@ -1,4 +1,4 @@
-"""Small StableLM checkpoints made locally, in HF format: for `make run`, tests and benchmarks (no downloads).
+"""Small StableLM checkpoints made locally, in HF format: for tests and benchmarks (no downloads).
 
 A byte-level BPE tokenizer is trained with `tokenizers` on a built-in text, with the StableLM special tokens and the
 checkpoint's chat template; weights are random (or written by HF transformers in the tests).
@@ -130,7 +130,7 @@ def keep_readable_tokens(out_dir: str) -> None:
 def make_tiny_checkpoint(out_dir: str, variant: str = "stablelm-2-1_6b", seed: int = 0,
                          legacy_config: bool = False, readable: bool = False) -> str:
     """A complete HF-format folder (config, tokenizer, random safetensors weights); returns out_dir.
-    readable=True: see keep_readable_tokens (used by `make run`)."""
+    readable=True: see keep_readable_tokens (readable random-weight demos)."""
     spec = TINY_CONFIGS[variant]
     vocab = build_tokenizer(out_dir, spec["chat_template"], spec["eos_token"])
     config = hf_config(variant, vocab)

@@ -5,7 +5,8 @@ are packed column-parallel layers whose loaders place q / k / v and gate / up ro
 input features (its partial sums are reduced by the caller, so the 12B's parallel residual needs one all-reduce).
 
 A `LinearMethod` owns what the weight looks like at run time: `UnquantizedLinearMethod` keeps the checkpoint layout
-and lets the backend repack it once after loading (cpu: panels, csrc/cpu/panel.h); quantized methods plug in here.
+and lets the backend repack it once after loading (cpu: the ISA's layout, ops/cpu_linear.py); quantized methods plug in
+here.
 """
 
 from __future__ import annotations
