@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model name clients must send (repeatable; default: the MODEL path)")
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
                    help="larger request bodies get 413 (default 8 MiB)")
+    p.add_argument("--max-queued-requests", type=int, default=None, metavar="N",
+                   help="sequences that may wait beyond --max-num-seqs; past it requests get 503 with Retry-After "
+                        "(default: no limit)")
+    p.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
+                   help="browser origin allowed to call the API (CORS; repeatable; '*': any; default: no CORS)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
 
@@ -214,7 +219,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = AsyncLLM(args.model, **_engine_kwargs(args))
     names = args.served_model_name
     app = create_app(engine, served_model_name=names if names and len(names) > 1 else (names or [None])[0],
-                     api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+                     api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                     max_pending_seqs=(None if args.max_queued_requests is None
+                                       else args.max_num_seqs + args.max_queued_requests),
+                     allowed_origins=args.allowed_origins)
     print(f"stablelm-fast: serving {args.model} as {app.state.served_model_names} on http://{args.host}:{args.port}"
           + (" (API key required)" if args.api_key else ""), file=sys.stderr)
     try:

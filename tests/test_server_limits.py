@@ -349,6 +349,7 @@ def test_metrics_in_prometheus_format(served):
     assert values[f"vllm:generation_tokens_total{{{label}}}"] >= 6
     assert values[f'vllm:request_success_total{{finished_reason="length",{label}}}'] >= 2
     assert values[f"vllm:time_to_first_token_seconds_count{{{label}}}"] >= 2
+    assert values[f"vllm:time_per_output_token_seconds_count{{{label}}}"] >= 2  # 3 tokens each: 2 gaps
     assert values[f"vllm:num_requests_running{{{label}}}"] == 0 and values[f"vllm:num_requests_waiting{{{label}}}"] == 0
     assert 0 <= values[f"vllm:kv_cache_usage_perc{{{label}}}"] < 1  # finished requests hold no blocks
 

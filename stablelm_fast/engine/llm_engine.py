@@ -221,7 +221,8 @@ class LLMEngine:
     def _record_finished(self, req: Request) -> None:
         m = req.metrics
         self.finished.append(FinishedRequest(
-            time_to_first_token=m.time_to_first_token, e2e_latency=(m.finished_time or m.arrival_time) - m.arrival_time,
+            time_to_first_token=m.time_to_first_token, time_per_output_token=m.time_per_output_token,
+            e2e_latency=(m.finished_time or m.arrival_time) - m.arrival_time,
             finish_reason=req.seqs[0].finish_reason or "abort", num_prompt_tokens=len(req.prompt_token_ids),
             num_generation_tokens=sum(s.num_output_tokens for s in req.seqs)))
 

@@ -31,6 +31,7 @@ class EngineStats:
 @dataclass(frozen=True)
 class FinishedRequest:
     time_to_first_token: float | None
+    time_per_output_token: float | None  # mean inter-token latency after the first token
     e2e_latency: float
     finish_reason: str
     num_prompt_tokens: int

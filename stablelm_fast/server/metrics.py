@@ -54,6 +54,9 @@ class Metrics:
         labels = ["model_name"]
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", labels,
                               buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Mean inter-token latency of a request.", labels,
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5),
+                              registry=self.registry)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to finish.", labels,
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.prompt_len = Histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", labels,
@@ -66,6 +69,8 @@ class Metrics:
         for r in self.engine.drain_finished():
             if r.time_to_first_token is not None:
                 self.ttft.labels(self.model_name).observe(r.time_to_first_token)
+            if r.time_per_output_token is not None:
+                self.tpot.labels(self.model_name).observe(r.time_per_output_token)
             self.e2e.labels(self.model_name).observe(r.e2e_latency)
             self.prompt_len.labels(self.model_name).observe(r.num_prompt_tokens)
             self.success.labels(self.model_name, r.finish_reason).inc()
