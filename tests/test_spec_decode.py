@@ -93,3 +93,19 @@ def test_seeded_sampling_with_speculation_is_reproducible(tiny_model):
     first = llm.generate(prompt, params)[0].outputs[0].token_ids
     assert llm.generate(prompt, params)[0].outputs[0].token_ids == first
     assert len(first) == 16
+
+
+@pytest.mark.xdist_group("tp")
+def test_speculation_under_tensor_parallelism(hf_checkpoints):
+    """TP=2 with drafts gives TP=2's tokens (the drafts ride in the broadcast step like any other tokens)."""
+    model_dir = hf_checkpoints["stablelm-2-12b"]
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]}, {"prompt_token_ids": list(range(20, 45)) * 2}]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    kw = dict(dtype="float32", backend="torch", num_kv_blocks=64, tensor_parallel_size=2)
+    base = LLM(model_dir, **kw)
+    want = [o.outputs[0].token_ids for o in base.generate(prompts, params)]
+    base.shutdown()
+    spec = LLM(model_dir, speculative_config=NGRAM, **kw)
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == want
+    assert spec.engine.num_spec_accepted > 0
+    spec.shutdown()
