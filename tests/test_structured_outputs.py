@@ -82,3 +82,12 @@ def test_speculation_leaves_constrained_sequences_alone(tiny_model):
     out = _gen(spec, StructuredOutputsParams(json=SCHEMA), temperature=0)[0]
     assert set(json.loads(out.text)) == {"ok", "size"}
     assert spec.engine.num_spec_proposed == 0
+
+
+@pytest.mark.xdist_group("tp")
+def test_json_schema_under_tensor_parallelism(hf_checkpoints):
+    llm = LLM(hf_checkpoints["stablelm-2-12b"], dtype="float32", backend="torch", num_kv_blocks=64,
+              tensor_parallel_size=2)
+    for out in _gen(llm, StructuredOutputsParams(json=SCHEMA), n=2):
+        assert set(json.loads(out.text)) == {"ok", "size"}
+    llm.shutdown()
