@@ -8,6 +8,7 @@ OutputProcessor (detokenize, stops, RequestOutputs).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +25,7 @@ from stablelm_fast.engine.output_processor import OutputProcessor
 from stablelm_fast.engine.scheduler import Scheduler
 from stablelm_fast.engine.sequence import Request, Sequence
 from stablelm_fast.engine.spec_decode import SpeculativeConfig, ngram_propose, verify
-from stablelm_fast.engine.stats import EngineStats, FinishedRequest, StatsLogger, finished_log
+from stablelm_fast.engine.stats import FINISHED_LOG_LEN, EngineStats, FinishedRequest, StatsLogger
 from stablelm_fast.engine.step_input import prepare_step
 from stablelm_fast.layers.sampler import Sampler, SamplingRow
 from stablelm_fast.ops import resolve_backend
@@ -106,7 +107,7 @@ class LLMEngine:
         self.num_prompt_tokens_computed = 0
         self.num_spec_proposed = self.num_spec_accepted = 0  # draft tokens (speculative decoding)
         self.num_generation_tokens = 0
-        self.finished: deque[FinishedRequest] = finished_log()  # drained by exporters (/metrics)
+        self.finished: deque[FinishedRequest] = deque(maxlen=FINISHED_LOG_LEN)  # drained by exporters (/metrics)
         self._stats_logger = None if args.disable_log_stats else StatsLogger()
         torch.manual_seed(args.seed)
 
@@ -171,7 +172,7 @@ class LLMEngine:
                                        logits[first_row: first_row + count])
         if step.sample_seqs:
             sample_logits = logits[logits.shape[0] - sum(step.sample_rows):]
-            offsets = [sum(step.sample_rows[:k]) for k in range(len(step.sample_rows))]
+            offsets = list(itertools.accumulate(step.sample_rows, initial=0))
             plain = [k for k, n in enumerate(step.sample_rows) if n == 1]
             emitted: dict[int, tuple[list[int], list]] = {}
             if plain:  # one batched draw for every sequence without drafts
@@ -205,7 +206,7 @@ class LLMEngine:
                 self.requests.pop(req.request_id, None)
                 self._record_finished(req)
         if self._stats_logger is not None:
-            self._stats_logger.maybe_log(self.stats())
+            self._stats_logger.maybe_log(self.stats)
         return outputs
 
     def stats(self) -> EngineStats:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 logger = logging.getLogger("stablelm_fast.engine")
 
 LOG_INTERVAL_S = 10.0
+FINISHED_LOG_LEN = 100_000  # finished requests kept for an exporter that is not scraping
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,13 @@ class StatsLogger:
         self.last_time = time.monotonic()
         self.last_prompt = self.last_generation = 0
 
-    def maybe_log(self, stats: EngineStats) -> None:
+    def maybe_log(self, snapshot: Callable[[], EngineStats]) -> None:
+        """Called every step; takes a snapshot only when a line is due."""
         now = time.monotonic()
         elapsed = now - self.last_time
         if elapsed < LOG_INTERVAL_S:
             return
+        stats = snapshot()
         logger.info("Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d "
                     "reqs, Waiting: %d reqs, KV cache usage: %.1f%%, Preemptions: %d",
                     (stats.prompt_tokens - self.last_prompt) / elapsed,
@@ -57,6 +60,3 @@ class StatsLogger:
                     100 * stats.kv_cache_usage, stats.num_preemptions)
         self.last_time, self.last_prompt, self.last_generation = now, stats.prompt_tokens, stats.generation_tokens
 
-
-def finished_log(maxlen: int = 100_000) -> deque:
-    return deque(maxlen=maxlen)

@@ -154,10 +154,9 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
         nonlocal metrics
         if not hasattr(engine, "stats"):
             raise APIError(404, "this engine reports no metrics")
+        from stablelm_fast.server.metrics import CONTENT_TYPE, Metrics  # prometheus-client: only when scraped
         if metrics is None:
-            from stablelm_fast.server.metrics import Metrics
             metrics = Metrics(engine, names[0])
-        from stablelm_fast.server.metrics import CONTENT_TYPE
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/version")

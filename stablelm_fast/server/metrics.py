@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -61,7 +61,6 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.prompt_len = Histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", labels,
                                     buckets=(1, 8, 32, 128, 512, 2048, 8192, 32768), registry=self.registry)
-        from prometheus_client import Counter
         self.success = Counter("vllm:request_success", "Finished requests, by finish reason.",
                                labels + ["finished_reason"], registry=self.registry)
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from stablelm_fast.engine.input_processor import ProcessedPrompt
 from stablelm_fast.sampling_params import SamplingParams
+from stablelm_fast.structured_outputs import StructuredOutputsParams
 from stablelm_fast.server.engine_client import EngineClient
 from stablelm_fast.server.errors import APIError, value_error
 from stablelm_fast.server.streaming import Fanin
@@ -116,9 +117,9 @@ def chunk_body(obj_type: str, rid: str, created: int, model: str, choices: list,
     return body
 
 
-def structured_outputs_of(req: Any) -> dict | None:
+def structured_outputs_of(req: Any) -> StructuredOutputsParams | None:
     """The one constraint a request asks for (response_format, structured_outputs or a guided_* field) as
-    StructuredOutputsParams fields; 400 naming the field if it is malformed or if several are given."""
+    StructuredOutputsParams; 400 naming the field if it is malformed or if several are given."""
     found: list[tuple[str, dict]] = []
     rf = req.response_format
     if rf is not None and rf.get("type") not in (None, "text"):
@@ -145,8 +146,7 @@ def structured_outputs_of(req: Any) -> dict | None:
     if not found:
         return None
     field, value = found[0]
-    from stablelm_fast.structured_outputs import StructuredOutputsParams
     try:
-        return StructuredOutputsParams.coerce(value).__dict__
+        return StructuredOutputsParams.coerce(value)
     except ValueError as e:
         raise APIError(400, str(e), field) from None
