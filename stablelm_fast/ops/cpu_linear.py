@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import stablelm_fast._C  # noqa: F401  (registers torch.ops.stablelm_fast)
+from stablelm_fast.ops.extension import silu_and_mul
 
 _ops = torch.ops.stablelm_fast
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -106,10 +107,7 @@ def gate_up_silu(x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
     x2 = _rows(x)
     inter = gate_up_weight.shape[0] // 2
     if gate_up_weight.dim() != 3:
-        gu = _torch_linear(x2, gate_up_weight, None)
-        out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
-        _ops.silu_and_mul(out, gu)
-        return out.view(*lead, inter)
+        return silu_and_mul(_torch_linear(x2, gate_up_weight, None)).view(*lead, inter)
     _check(x, gate_up_weight)
     out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
     _ops.gate_up_silu(out, x2, gate_up_weight)
