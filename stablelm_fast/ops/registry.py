@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from stablelm_fast.ops import reference
+from stablelm_fast.ops import quant_reference, reference
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,14 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
           reference.gate_up_silu),
     OpDef("pack_linear_weight", "pack_linear_weight(weight [N, K], halves=False) -> the backend's layout, read by "
           "linear / gate_up_silu (halves: a gate_up weight whose two halves stay apart)", _identity_pack),
+    OpDef("quant_linear", "quant_linear(x [M, K], qweight, scales, zeros | None, bias [N] | None, bits, group_size) "
+          "-> [M, N]: weight-only int8 / int4 (canonical form in ops/quant_reference.py, or packed)",
+          quant_reference.quant_linear, cpp=False),
+    OpDef("quant_gate_up_silu", "quant_gate_up_silu(x [M, H], qweight, scales, zeros | None, bits, group_size) -> "
+          "[M, I]: gate_up_silu on a quantized [Wg; Wu]", quant_reference.quant_gate_up_silu, cpp=False),
+    OpDef("pack_quant_weight", "pack_quant_weight(qweight, scales, zeros | None, bits, group_size, halves=False) -> "
+          "(qweight, scales, zeros) in the backend's layout, read by quant_linear / quant_gate_up_silu",
+          quant_reference.pack_quant_weight, cpp=False),
     OpDef("layernorm", "layernorm(x [T, H], weight [H], bias [H] | None, eps) -> [T, H]", reference.layernorm),
     OpDef("add_layernorm", "add_layernorm(x, residual | None, weight, bias | None, eps) -> (normed, new_residual)",
           reference.add_layernorm),
