@@ -20,9 +20,10 @@ def test_ngram_propose_takes_the_most_recent_longest_match():
 
 
 @pytest.mark.parametrize("raw,match", [
-    ({"method": "eagle"}, "method"), ({"method": "draft_model", "model": "x"}, "not supported yet"),
-    ({"num_speculative_tokens": 0}, "num_speculative_tokens"), ({"prompt_lookup_min": 3, "prompt_lookup_max": 2},
-                                                                "prompt_lookup_max"), ({"lookahead": 2}, "unknown key"),
+    ({"method": "eagle"}, "method"), ({"method": "draft_model"}, "needs 'model'"),
+    ({"method": "ngram", "model": "x"}, "draft_model' only"), ({"model": "x", "prompt_lookup_max": 2}, "'ngram' only"),
+    ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_max"), ({"lookahead": 2}, "unknown key"),
 ])
 def test_bad_speculative_config_is_refused(raw, match):
     with pytest.raises(ValueError, match=match):
