@@ -14,6 +14,8 @@ from stablelm_fast import LLM, SamplingParams
 from stablelm_fast.engine.spec_decode import verify
 from stablelm_fast.layers.sampler import Sampler, SamplingRow
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # chunked prefill (16-token budget), prefix caching, a cache small enough to preempt, 8-token blocks
 KW = dict(dtype="float32", backend="torch", num_kv_blocks=10, block_size=8, max_num_batched_tokens=16)
 PROMPTS = [{"prompt_token_ids": [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]}, {"prompt_token_ids": list(range(20, 45)) * 2},
@@ -124,14 +126,13 @@ def test_sampling_with_a_draft_model_is_seeded_and_reproducible(hf_checkpoints):
 @pytest.mark.xdist_group("tp")
 def test_draft_model_with_the_target_under_tensor_parallelism(hf_checkpoints):
     """The target at TP=2 with the draft unsharded in the driver gives TP=2's greedy tokens."""
-    target, small = hf_checkpoints["stablelm-2-12b"], hf_checkpoints["stablelm-2-1_6b"]
+    target = hf_checkpoints["stablelm-2-12b"]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     kw = dict(dtype="float32", backend="torch", num_kv_blocks=64, tensor_parallel_size=2)
     base = LLM(target, **kw)
     want = [o.outputs[0].token_ids for o in base.generate(PROMPTS, params)]
     base.shutdown()
-    for draft_dir in (small, target):
-        spec = LLM(target, speculative_config=draft(draft_dir), **kw)
-        assert [o.outputs[0].token_ids for o in spec.generate(PROMPTS, params)] == want
-        assert spec.engine.num_spec_proposed > 0
-        spec.shutdown()
+    spec = LLM(target, speculative_config=draft(target), **kw)  # the unsharded target drafting for its TP=2 self
+    assert [o.outputs[0].token_ids for o in spec.generate(PROMPTS, params)] == want
+    assert spec.engine.num_spec_accepted > 0
+    spec.shutdown()

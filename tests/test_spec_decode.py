@@ -9,6 +9,8 @@ from stablelm_fast import LLM, SamplingParams
 from stablelm_fast.engine.spec_decode import SpeculativeConfig, ngram_propose, verify
 from stablelm_fast.layers.sampler import Sampler, SamplingRow
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
 
