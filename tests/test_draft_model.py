@@ -123,6 +123,20 @@ def test_sampling_with_a_draft_model_is_seeded_and_reproducible(hf_checkpoints):
     assert llm.engine.num_spec_proposed > 0
 
 
+def test_sampled_self_drafting_accepts_nearly_everything(hf_checkpoints):
+    """A model drafting for itself has q == p (up to rounding), so min(1, p/q) accepts every draft: this holds only if
+    each draft's q is the distribution it was drawn from and is checked at the right target row (penalties read the
+    drafts before it, filters and temperature apply alike)."""
+    target = hf_checkpoints["stablelm-zephyr-3b"]
+    llm = LLM(target, dtype="float32", backend="torch", num_kv_blocks=64, speculative_config=draft(target, k=4))
+    params = SamplingParams(temperature=0.3, top_p=0.95, presence_penalty=0.5, max_tokens=24, n=3, ignore_eos=True)
+    outs = llm.generate(PROMPTS, params)
+    assert all(len(c.token_ids) == 24 for o in outs for c in o.outputs)
+    e = llm.engine
+    # (measured: all accepted; with the q rows of each sequence reversed, 90%)
+    assert e.num_spec_proposed > 50 and e.num_spec_accepted >= 0.99 * e.num_spec_proposed
+
+
 @pytest.mark.xdist_group("tp")
 def test_draft_model_with_the_target_under_tensor_parallelism(hf_checkpoints):
     """The target at TP=2 with the draft unsharded in the driver gives TP=2's greedy tokens."""
