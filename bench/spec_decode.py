@@ -7,7 +7,8 @@ speed-up, plus what verifying k + 1 tokens costs against 1 on the StableLM-2-1.6
 
 Draft models (--drafts): "self" is the target drafting for itself (every draft accepted: shows what the draft passes
 cost), "random" a random-weight draft of half the target's width, MLP and layers, with its tokenizer
-(acceptance near zero: the worst case), or the folder of a trained draft sharing the target's tokenizer.
+(acceptance near zero: the worst case), or the folder of a trained draft sharing the target's tokenizer, e.g.
+stablelm_fast/assets/stablelm-pystdlib-1m-draft (1.3M parameters, trained like the built-in model).
 
 Workload ("code rewrite", where the output repeats the prompt): each prompt is a function from the held-out part of
 the model's corpus (the Python stdlib), then a comment asking for it again and its first line; greedy decoding of
