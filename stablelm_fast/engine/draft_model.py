@@ -88,7 +88,8 @@ class DraftModel:
         positions: list[int] = []
         cu, ctx, last_rows = [0], [], []
         spec: list[Sequence] = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        spec_rows: list[int] = []  # their rows in the batch (and its block tables)
+        for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             d = len(seq.spec_token_ids)
             start, stop = self._valid(seq), seq.num_computed_tokens + n - d  # known tokens at the end of the step
             ids.extend(seq.token_ids[start: stop])
@@ -98,12 +99,12 @@ class DraftModel:
             self._state[seq] = (seq.num_preemptions, start, stop + max(d - 1, 0))
             if d:
                 spec.append(seq)
+                spec_rows.append(b)
                 last_rows.append(cu[-1] - 1)
         tables = _block_tables(batch.seqs)
         logits = self.runner.execute(_step(ids, positions, tables, cu, ctx, last_rows, bs))
         if not spec:
             return {}
-        rows_of = {id(s): i for i, s in enumerate(batch.seqs)}
         drafts: list[list[int]] = [[] for _ in spec]
         probs: list[list[torch.Tensor]] = [[] for _ in spec]
         live = list(range(len(spec)))  # speculated sequences that still want drafts
@@ -111,7 +112,7 @@ class DraftModel:
             if j > 0:  # feed back the previous drafts: one batched decode step
                 live = [i for i in live if len(spec[i].spec_token_ids) > j]
                 pos = [spec[i].num_tokens + j - 1 for i in live]
-                step = _step([drafts[i][-1] for i in live], pos, tables[[rows_of[id(spec[i])] for i in live]],
+                step = _step([drafts[i][-1] for i in live], pos, tables[[spec_rows[i] for i in live]],
                              list(range(len(live) + 1)), [p + 1 for p in pos], list(range(len(live))), bs)
                 logits = self.runner.execute(step)
             rows = [row_fn(spec[i], drafts[i]) for i in live]
