@@ -42,6 +42,19 @@ def test_a_draft_with_another_vocabulary_is_refused(tiny_model, tmp_path):
         LLM(tiny_model, dtype="float32", num_kv_blocks=8, speculative_config=draft(str(other)))
 
 
+def test_the_cli_takes_a_draft_model(hf_checkpoints, capsys):
+    """`--speculative-config` JSON (vLLM's spelling) reaches the engine: the same text as without it (greedy)."""
+    from stablelm_fast.cli import main
+
+    target, small = hf_checkpoints["stablelm-2-12b"], hf_checkpoints["stablelm-2-1_6b"]
+    args = ["generate", target, "--prompt", "def f(x):", "--max-tokens", "8", "--temperature", "0",
+            "--dtype", "float32", "--backend", "torch", "--num-kv-blocks", "32"]
+    assert main(args) == 0
+    want = capsys.readouterr().out
+    assert main(args + ["--speculative-config", json.dumps(draft(small))]) == 0
+    assert capsys.readouterr().out == want and "8 tokens" in want
+
+
 def test_rejection_sampling_with_a_draft_distribution_keeps_the_target_distribution():
     """Drafts drawn from q, accepted with min(1, p/q), else resampled from (p - q)+: every emitted position is
     distributed as the target's p (the rows here do not depend on the prefix, so position 2 is p[1] too)."""
