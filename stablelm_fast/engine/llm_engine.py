@@ -83,14 +83,15 @@ class LLMEngine:
             raise ValueError(f"max_model_len must be in [1, {self.config.max_position_embeddings}] "
                              f"(max_position_embeddings); got {self.max_model_len}")
         self.tokenizer = Tokenizer(args.model, self.config.eos_token_id)
-        model_dir = None if args.load_format == "dummy" else args.model
-        self.executor: Executor = make_executor(self.config, model_dir, args.load_format, self.dtype, self.device,
-                                                self.backend, args.tensor_parallel_size, args.seed)
         self.spec_config = SpeculativeConfig.from_dict(args.speculative_config)
-        # a draft model (speculative decoding) runs here, unsharded, with its own cache over the target's blocks
+        # a draft model (speculative decoding) runs here, unsharded, with its own cache over the target's blocks;
+        # loaded first, so that a draft of another vocabulary is refused before any tensor-parallel worker starts
         self.drafter = DraftModel(self.spec_config.model, self.config, self.tokenizer, self.max_model_len,
                                   args.load_format, self.dtype, self.device, self.backend, args.seed) \
             if self.spec_config is not None and self.spec_config.method == "draft_model" else None
+        model_dir = None if args.load_format == "dummy" else args.model
+        self.executor: Executor = make_executor(self.config, model_dir, args.load_format, self.dtype, self.device,
+                                                self.backend, args.tensor_parallel_size, args.seed)
         bytes_per_block = self.executor.kv_bytes_per_block(args.block_size) + (
             self.drafter.kv_bytes_per_block(args.block_size) if self.drafter is not None else 0)
         num_blocks = args.num_kv_blocks or default_num_blocks(
