@@ -27,3 +27,13 @@ def hf_checkpoints(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_model(hf_checkpoints) -> str:
     return hf_checkpoints["stablelm-2-1_6b"]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run tiny ops: one torch thread (two xdist workers on two shared cores otherwise spin-wait on each
+    other's threads and such tests run ~10x slower)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
