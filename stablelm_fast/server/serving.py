@@ -63,9 +63,8 @@ class ServingContext:
 
     def make_params(self, req: Any, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """A request's sampling fields -> SamplingParams; 400 naming the field SamplingParams refuses."""
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported", "logit_bias")
-        kwargs: dict[str, Any] = dict(n=req.n, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
+        kwargs: dict[str, Any] = dict(logit_bias=logit_bias_of(req.logit_bias),
+                                      n=req.n, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
                                       stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
                                       min_tokens=req.min_tokens, logprobs=logprobs,
                                       skip_special_tokens=req.skip_special_tokens)
@@ -85,7 +84,7 @@ class ServingContext:
         try:
             return self.engine.input_processor.process(raw, params)
         except ValueError as e:
-            raise APIError(400, str(e), param) from None
+            raise value_error(e, param) from None
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -115,6 +114,20 @@ def chunk_body(obj_type: str, rid: str, created: int, model: str, choices: list,
     if include_usage:
         body["usage"] = usage_
     return body
+
+
+def logit_bias_of(raw: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias (JSON keys are strings: token ids) -> {token id: bias}; 400 for a key that is no id.
+    Ranges (bias in [-100, 100], ids in the vocabulary) are checked by SamplingParams and the input processor."""
+    if not raw:
+        return None
+    out = {}
+    for key, bias in raw.items():
+        try:
+            out[int(key)] = bias
+        except ValueError:
+            raise APIError(400, f"logit_bias keys must be token ids (integers); got {key!r}", "logit_bias") from None
+    return out
 
 
 def structured_outputs_of(req: Any) -> StructuredOutputsParams | None:
