@@ -26,6 +26,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # logprob of each prompt token (and the top-k) in RequestOutput.prompt_logprobs
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (in [-100, 100]), before penalties
+    include_stop_str_in_output: bool = False  # keep the stop string (or stop_token_ids token's text) in the text
     # constrained decoding (vLLM's name): a StructuredOutputsParams, or a dict of its fields
     structured_outputs: Any = None
     stop_strings: list[str] = field(init=False, repr=False)
@@ -86,6 +87,8 @@ class SamplingParams:
             raise bad("ignore_eos", "must be a bool")
         if not isinstance(self.skip_special_tokens, bool):
             raise bad("skip_special_tokens", "must be a bool")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise bad("include_stop_str_in_output", "must be a bool")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise bad("logit_bias", "must be a dict of token id -> bias")

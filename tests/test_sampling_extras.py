@@ -61,3 +61,25 @@ def test_logit_bias_in_the_engine(tiny_model):
     assert banned[0] != free[0]
     with pytest.raises(ValueError, match=f"logit_bias token id {vocab} is outside the vocabulary"):
         llm.generate("Hi", SamplingParams(logit_bias={vocab: 1.0}))
+
+
+def test_include_stop_str_in_output(tiny_model):
+    llm = LLM(tiny_model, dtype="float32", backend="torch", num_kv_blocks=64)
+    base = dict(temperature=0, max_tokens=16, ignore_eos=True)
+    free = llm.generate("The quick brown fox", SamplingParams(**base))[0].outputs[0]
+    stop = free.text[len(free.text) // 2: len(free.text) // 2 + 2]
+    assert stop
+    at = free.text.index(stop)
+    cut, kept = [o[0].outputs[0] for o in (
+        llm.generate("The quick brown fox", SamplingParams(**base, stop=stop)),
+        llm.generate("The quick brown fox", SamplingParams(**base, stop=stop, include_stop_str_in_output=True)))]
+    assert cut.text == free.text[:at] and kept.text == free.text[:at + len(stop)]
+    assert kept.finish_reason == "stop" and kept.stop_reason == stop and kept.token_ids == cut.token_ids
+    # a stop token id: its text is kept too (vLLM)
+    stop_id = free.token_ids[4]
+    n = free.token_ids.index(stop_id) + 1
+    by_id = llm.generate("The quick brown fox", SamplingParams(**base, stop_token_ids=[stop_id],
+                                                                 include_stop_str_in_output=True))[0].outputs[0]
+    assert by_id.token_ids == free.token_ids[:n] and by_id.text == llm.tokenizer.decode(free.token_ids[:n])
+    with pytest.raises(ValueError, match="include_stop_str_in_output"):
+        SamplingParams(include_stop_str_in_output="yes")

@@ -64,6 +64,7 @@ class ServingContext:
     def make_params(self, req: Any, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """A request's sampling fields -> SamplingParams; 400 naming the field SamplingParams refuses."""
         kwargs: dict[str, Any] = dict(logit_bias=logit_bias_of(req.logit_bias),
+                                      include_stop_str_in_output=req.include_stop_str_in_output,
                                       n=req.n, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
                                       stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
                                       min_tokens=req.min_tokens, logprobs=logprobs,

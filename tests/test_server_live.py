@@ -1,0 +1,87 @@
+"""The server through real sockets (uvicorn in a thread) and the official `openai` client: sampling extras
+(logit_bias, include_stop_str_in_output), structured outputs sampled at temperature 1, enforced and streamed tool
+calls, exact /metrics deltas, the queue cap, per-request deadlines, and abuse answered at once. One server, tiny model."""
+
+import json
+import os
+
+import httpx
+import openai
+import pytest
+
+from stablelm_fast import AsyncLLM
+from stablelm_fast.server import create_app
+from stablelm_fast.tiny import CHATML_TEMPLATE, make_tiny_checkpoint
+
+from live_server import LiveServer
+
+pytestmark = pytest.mark.xdist_group("server")
+
+MODEL = "m"
+MAX_PENDING = 4  # sequences the app admits at once (the queue cap)
+MESSAGES = [{"role": "user", "content": "Hi there!"}]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    model_dir = make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-live")), "stablelm-2-1_6b", seed=3)
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({**config, "chat_template": CHATML_TEMPLATE}, f)
+    engine = AsyncLLM(model_dir, dtype="float32", backend="torch", disable_log_stats=True)
+    app = create_app(engine, served_model_name=MODEL, max_pending_seqs=MAX_PENDING)
+    with LiveServer(app) as url:
+        yield engine, app, url
+    engine.shutdown()
+
+
+@pytest.fixture()
+def client(live):
+    with openai.OpenAI(base_url=live[2] + "/v1", api_key="none", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def _bad_request(call, param, *words):
+    with pytest.raises(openai.BadRequestError) as e:
+        call()
+    assert e.value.status_code == 400 and e.value.body["param"] == param, e.value.body
+    for w in words:
+        assert w in e.value.body["message"], e.value.body
+
+
+def test_logit_bias(live, client):
+    tok = live[0].tokenizer
+    vocab = live[0].input_processor.vocab_size
+    base = dict(model=MODEL, prompt=[5, 6, 7], max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    free = client.completions.create(**base).choices[0].text
+    target = next(t for t in (11, 12, 13) if tok.decode([t]) not in free)
+    forced = client.completions.create(**base, logit_bias={str(target): 100}).choices[0].text
+    assert forced == tok.decode([target] * 4)
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, temperature=0,
+                                          logit_bias={str(target): 100}, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == tok.decode([target] * 3)
+    _bad_request(lambda: client.completions.create(**base, logit_bias={"x": 1}), "logit_bias", "token ids")
+    _bad_request(lambda: client.completions.create(**base, logit_bias={"5": 101}), "logit_bias", "[-100, 100]")
+    _bad_request(lambda: client.completions.create(**base, logit_bias={str(vocab): 1}), "logit_bias", "vocabulary")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_include_stop_str_in_output(client, stream):
+    base = dict(model=MODEL, prompt="The quick brown fox", max_tokens=16, temperature=0,
+                extra_body={"ignore_eos": True})
+    free = client.completions.create(**base).choices[0].text
+    stop = free[len(free) // 2: len(free) // 2 + 2]
+    assert stop
+    at = free.index(stop)
+    for include, want in ((False, free[:at]), (True, free[:at + len(stop)])):
+        kw = dict(base, stop=[stop], stream=stream, extra_body={"ignore_eos": True,
+                                                                "include_stop_str_in_output": include})
+        if stream:
+            chunks = list(client.completions.create(**kw))
+            text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            choice = client.completions.create(**kw).choices[0]
+            text, reason = choice.text, choice.finish_reason
+        assert text == want and reason == "stop"
