@@ -30,6 +30,10 @@ def live(tmp_path_factory):
         config = json.load(f)
     with open(path, "w", encoding="utf-8") as f:
         json.dump({**config, "chat_template": CHATML_TEMPLATE}, f)
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    with open(os.path.join(model_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({**config, "max_position_embeddings": 1024}, f)  # room for a tool prompt (random weights anyway)
     engine = AsyncLLM(model_dir, dtype="float32", backend="torch", disable_log_stats=True)
     app = create_app(engine, served_model_name=MODEL, max_pending_seqs=MAX_PENDING)
     with LiveServer(app) as url:
@@ -85,3 +89,60 @@ def test_include_stop_str_in_output(client, stream):
             choice = client.completions.create(**kw).choices[0]
             text, reason = choice.text, choice.finish_reason
         assert text == want and reason == "stop"
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"},
+                                           "tag": {"enum": ["a", "b"]}},
+          "required": ["ok", "n", "tag"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_json_schema_sampled_at_temperature_1_validates(client, seed):
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=80, temperature=1.0, seed=seed,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}})
+    assert r.choices[0].finish_reason == "stop", r.choices[0]
+    value = json.loads(r.choices[0].message.content)
+    assert set(value) == {"ok", "n", "tag"} and isinstance(value["ok"], bool)
+    assert isinstance(value["n"], int) and not isinstance(value["n"], bool) and value["tag"] in ("a", "b")
+
+
+# short names: the tiny tokenizer spends about a token per character
+WEATHER = {"type": "function", "function": {"name": "w", "parameters": {
+    "type": "object", "properties": {"c": {"enum": ["P", "R"]}, "d": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["c", "d"],
+    "additionalProperties": False}}}
+
+
+def _check_weather_call(name, arguments):
+    args = json.loads(arguments)
+    assert name == "w" and set(args) == {"c", "d"} and args["c"] in ("P", "R") and 0 <= args["d"] <= 99
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_tool_choice_required_whole_and_streamed(client, seed):
+    # parallel_tool_calls=False: one call (a random model would otherwise go on adding calls)
+    kw = dict(model=MODEL, messages=MESSAGES, max_tokens=60, temperature=1.0, seed=seed, tools=[WEATHER],
+              tool_choice="required", parallel_tool_calls=False)
+    whole = client.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "tool_calls" and len(whole.message.tool_calls) == 1
+    for call in whole.message.tool_calls:
+        _check_weather_call(call.function.name, call.function.arguments)
+    calls, fragments, reasons = {}, 0, []
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for choice in chunk.choices:
+            for d in choice.delta.tool_calls or []:
+                if d.id is not None:  # a call's first delta: id, type and name, no arguments yet
+                    assert d.index not in calls and d.type == "function" and d.function.arguments == ""
+                    calls[d.index] = [d.function.name, ""]
+                else:
+                    assert d.function.name is None and d.function.arguments
+                    calls[d.index][1] += d.function.arguments
+                    fragments += 1
+            reasons += [choice.finish_reason] if choice.finish_reason else []
+    assert reasons == ["tool_calls"] and calls and fragments > len(calls)  # arguments came in several pieces
+    for name, arguments in calls.values():
+        _check_weather_call(name, arguments)
+    # the same seed: the streamed calls are the whole answer's
+    assert [(n, json.loads(a)) for n, a in calls.values()] == \
+        [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls]
