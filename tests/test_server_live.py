@@ -2,14 +2,19 @@
 (logit_bias, include_stop_str_in_output), structured outputs sampled at temperature 1, enforced and streamed tool
 calls, exact /metrics deltas, the queue cap, per-request deadlines, and abuse answered at once. One server, tiny model."""
 
+import asyncio
+import concurrent.futures
 import json
 import os
+import threading
+import time
 
 import httpx
 import openai
 import pytest
 
 from stablelm_fast import AsyncLLM
+from stablelm_fast.cli import build_parser
 from stablelm_fast.server import create_app
 from stablelm_fast.tiny import CHATML_TEMPLATE, make_tiny_checkpoint
 
@@ -146,3 +151,69 @@ def test_tool_choice_required_whole_and_streamed(client, seed):
     # the same seed: the streamed calls are the whole answer's
     assert [(n, json.loads(a)) for n, a in calls.values()] == \
         [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls]
+
+
+def _metrics(url):
+    values = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def _wait_idle(engine, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while engine.engine.requests or engine.stats().kv_cache_usage > 0:
+        assert time.monotonic() < deadline, "the engine did not go idle"
+        time.sleep(0.02)
+
+
+def test_request_timeout_aborts_in_the_engine_and_others_go_on(live, client, monkeypatch):
+    engine, app, url = live
+    gate, step = threading.Event(), engine.engine.step
+
+    def gated_step():  # the engine stalls until the gate opens: the deadlines pass for certain
+        gate.wait(30)
+        return step()
+
+    monkeypatch.setattr(engine.engine, "step", gated_step)
+    before = _metrics(url)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    ordinary = pool.submit(client.completions.create, model=MODEL, prompt="Hello", max_tokens=3,
+                           extra_body={"ignore_eos": True})
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, extra_body={"request_timeout": 0.2})
+        assert e.value.status_code == 504 and e.value.body["param"] == "request_timeout"
+        assert "deadline (0.2 s)" in e.value.body["message"]
+        with pytest.raises(openai.APIError, match="deadline"):  # streamed: an error event after the headers
+            for _ in client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, stream=True,
+                                                    extra_body={"request_timeout": 0.2}):
+                pass
+        # the server's own deadline (create_app(request_timeout=...)) wins over a longer one asked for
+        capped = create_app(engine, served_model_name=MODEL, request_timeout=0.2)
+
+        async def ask():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=capped), base_url="http://t") as c:
+                return await c.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3,
+                                                             "request_timeout": 100})
+
+        r = asyncio.run(ask())
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+        assert not ordinary.done()
+    finally:
+        gate.set()
+    assert ordinary.result(timeout=30).usage.completion_tokens == 3  # the request without a deadline was served
+    _wait_idle(engine)  # the timed-out requests were aborted in the engine and their KV blocks freed
+    after = _metrics(url)
+    label = f'model_name="{MODEL}"'
+    assert after[f'vllm:request_success_total{{finished_reason="abort",{label}}}'] - \
+        before.get(f'vllm:request_success_total{{finished_reason="abort",{label}}}', 0) == 3
+    assert after[f'vllm:request_success_total{{finished_reason="length",{label}}}'] - \
+        before.get(f'vllm:request_success_total{{finished_reason="length",{label}}}', 0) == 1
+    with pytest.raises(ValueError, match="request_timeout"):
+        create_app(engine, request_timeout=0)
+    assert build_parser().parse_args(["serve", "m", "--request-timeout", "2.5"]).request_timeout == 2.5
+    _bad_request(lambda: client.completions.create(model=MODEL, prompt="Hi", extra_body={"request_timeout": -1}),
+                 "request_timeout")

@@ -79,6 +79,8 @@ class _SamplingFields(_Request):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # ours: seconds after which the request is aborted (504); the server's --request-timeout caps it
+    request_timeout: float | None = Field(None, gt=0)
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None

@@ -17,17 +17,19 @@ _OPTIONAL_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetiti
 
 class ServingContext:
     def __init__(self, engine: EngineClient, names: list[str], model_path: str,
-                 max_pending_seqs: int | None = None) -> None:
+                 max_pending_seqs: int | None = None, request_timeout: float | None = None) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = int(engine.max_model_len)
         self.names, self.model_path = names, model_path
         self.max_pending_seqs = max_pending_seqs
+        self.request_timeout = request_timeout  # seconds; a request's own request_timeout may only shorten it
         self.pending_seqs = 0  # sequences of this app's requests now in the engine (running or waiting)
 
-    def start(self, jobs: list[tuple[ProcessedPrompt, SamplingParams, str]]) -> Fanin:
+    def start(self, jobs: list[tuple[ProcessedPrompt, SamplingParams, str]], timeout: float | None = None) -> Fanin:
         """Admit a request's engine requests and start them. Past max_pending_seqs: 503 with Retry-After (a request
-        that could never fit: 400), so that a flood is turned away at once instead of queueing without bound."""
+        that could never fit: 400), so that a flood is turned away at once instead of queueing without bound.
+        timeout: the request's own deadline in seconds (the server's request_timeout, if shorter, wins)."""
         num_seqs = sum(params.n for _, params, _ in jobs)
         cap = self.max_pending_seqs
         if cap is not None and num_seqs > cap:
@@ -41,7 +43,8 @@ class ServingContext:
         def release() -> None:
             self.pending_seqs -= num_seqs
 
-        return Fanin(self.engine, jobs, on_close=release)
+        limits = [t for t in (timeout, self.request_timeout) if t is not None]
+        return Fanin(self.engine, jobs, on_close=release, timeout=min(limits) if limits else None)
 
     def begin(self, name: str | None) -> str:
         """Every generation request starts here: -> the served model name it asked for (404 / 503 if it cannot)."""

@@ -79,7 +79,7 @@ class ServingChat(Endpoint):
         ids = ctx.tokenizer.encode(text, add_special_tokens=False)
         inp = dataclasses.replace(ctx.prepare_prompt(ids, params, "messages"), prompt=text)
         rid, created = random_id("chatcmpl"), now()
-        fanin = ctx.start([(inp, inp.params, rid)])
+        fanin = ctx.start([(inp, inp.params, rid)], req.request_timeout)
         tool_names = {(t.get("function") or {}).get("name") for t in tools} if tools else None
         if not req.stream:
             return await self._whole(req, model, rid, created, len(ids), tool_names, fanin, receive)
