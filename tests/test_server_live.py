@@ -1,6 +1,7 @@
 """The server through real sockets (uvicorn in a thread) and the official `openai` client: sampling extras
 (logit_bias, include_stop_str_in_output), structured outputs sampled at temperature 1, enforced and streamed tool
-calls, exact /metrics deltas, the queue cap, per-request deadlines, and abuse answered at once. One server, tiny model."""
+calls, exact /metrics deltas, the queue cap, per-request deadlines, and abuse answered at once.
+One server for the module, on a tiny random-weight model."""
 
 import asyncio
 import concurrent.futures
@@ -217,3 +218,90 @@ def test_request_timeout_aborts_in_the_engine_and_others_go_on(live, client, mon
     assert build_parser().parse_args(["serve", "m", "--request-timeout", "2.5"]).request_timeout == 2.5
     _bad_request(lambda: client.completions.create(model=MODEL, prompt="Hi", extra_body={"request_timeout": -1}),
                  "request_timeout")
+
+
+def test_metrics_move_by_exactly_what_a_request_did(live, client):
+    engine, _, url = live
+    _wait_idle(engine)
+    before = _metrics(url)
+    prompt = [40, 41, 42, 43, 44, 45, 46]  # used by no other test: nothing of it is in the prefix cache
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.prompt_tokens == 7 and out.usage.completion_tokens == 5
+    after = _metrics(url)
+    label = f'model_name="{MODEL}"'
+
+    def delta(name):
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert delta(f"vllm:prompt_tokens_total{{{label}}}") == 7
+    assert delta(f"vllm:generation_tokens_total{{{label}}}") == 5
+    assert delta(f'vllm:request_success_total{{finished_reason="length",{label}}}') == 1
+    for other in ("stop", "abort"):
+        assert delta(f'vllm:request_success_total{{finished_reason="{other}",{label}}}') == 0
+    for hist in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds",
+                 "request_prompt_tokens"):
+        assert delta(f"vllm:{hist}_count{{{label}}}") == 1, hist
+    assert delta(f"vllm:request_prompt_tokens_sum{{{label}}}") == 7
+    assert after[f"vllm:num_requests_running{{{label}}}"] == 0 and after[f"vllm:num_requests_waiting{{{label}}}"] == 0
+    assert after[f"vllm:kv_cache_usage_perc{{{label}}}"] == 0
+
+
+ORDINARY = {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "ignore_eos": True}
+
+
+def test_a_flood_past_the_queue_cap_is_turned_away_and_nothing_hangs(live, client, monkeypatch):
+    engine, app, url = live
+    gate, step = threading.Event(), engine.engine.step
+
+    def gated_step():  # the engine stalls until the gate opens: the admitted requests stay pending for certain
+        gate.wait(30)
+        return step()
+
+    monkeypatch.setattr(engine.engine, "step", gated_step)
+    ctx = app.state.serving
+    pool = concurrent.futures.ThreadPoolExecutor(8)
+    try:
+        admitted = [pool.submit(client.completions.create, model=MODEL, prompt="Hello", max_tokens=4,
+                                extra_body={"ignore_eos": True}) for _ in range(MAX_PENDING)]
+        deadline = time.monotonic() + 30
+        while ctx.pending_seqs < MAX_PENDING:
+            assert time.monotonic() < deadline and not any(f.done() for f in admitted)
+            time.sleep(0.01)
+        flood = [pool.submit(httpx.post, url + "/v1/completions", json=ORDINARY, timeout=30) for _ in range(6)]
+        flood.append(pool.submit(httpx.post, url + "/v1/chat/completions", timeout=30,
+                                 json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "stream": True}))
+        for f in flood:  # answered at once, while the engine is stalled
+            r = f.result(timeout=30)
+            assert r.status_code in (429, 503) and r.headers["retry-after"] and "busy" in r.json()["error"]["message"]
+    finally:
+        gate.set()
+    for f in admitted:
+        assert f.result(timeout=30).usage.completion_tokens == 4
+    _wait_idle(engine)
+    assert ctx.pending_seqs == 0
+    assert httpx.post(url + "/v1/completions", json=ORDINARY, timeout=30).json()["usage"]["completion_tokens"] == 3
+
+
+ABUSE = [
+    ("huge n", {**ORDINARY, "n": 100000}, "n"),
+    ("n past the queue cap", {**ORDINARY, "n": MAX_PENDING + 1}, "n"),
+    ("too many prompts", {**ORDINARY, "prompt": ["Hi"] * 1000}, "prompt"),
+    ("JSON nested 100,000 deep", b'{"model": "m", "prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", None),
+    ("a number with 100,000 digits", b'{"model": "m", "prompt": "Hi", "max_tokens": ' + b"9" * 100000 + b"}", None),
+    ("max_tokens past the context", {**ORDINARY, "max_tokens": 10**9}, "prompt"),
+    ("malformed JSON", b'{"model": "m", "prompt": "Hi",', None),
+]
+
+
+@pytest.mark.parametrize("what,body,param", ABUSE, ids=[a[0] for a in ABUSE])
+def test_abuse_gets_a_quick_4xx_and_the_next_request_is_served(live, what, body, param):
+    url = live[2]
+    with httpx.Client(base_url=url, timeout=30) as c:
+        kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+            else {"json": body}
+        r = c.post("/v1/completions", **kw)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param, r.json()
+        ok = c.post("/v1/completions", json=ORDINARY)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3

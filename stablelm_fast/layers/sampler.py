@@ -1,7 +1,8 @@
 """Batched sampling on the device: penalties, temperature, top-k, top-p, min-p, greedy, seeded sampling, logprobs.
 
 Order (as vLLM): the structured-outputs mask, min_tokens masking, logit_bias and penalties on the raw logits, then
-temperature, then top-k / top-p / min-p filters, then sampling. Logprobs are the model's own log-softmax (before any processing), as vLLM returns them.
+temperature, then top-k / top-p / min-p filters, then sampling. Logprobs are the model's own log-softmax (before any
+processing), as vLLM returns them.
 """
 
 from __future__ import annotations
