@@ -12,6 +12,7 @@ short). `parse_reply` runs the same parser over a whole reply, so whole and stre
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -36,17 +37,15 @@ def _ws(s: str, i: int) -> int:
     return i
 
 
+_STRING_REST = re.compile(r'(?:[^"\\]|\\.)*"', re.S)  # a string's characters and escapes, then its closing quote
+
+
 def _string_end(s: str, i: int) -> int:
     """s[i] == '"': the index after the closing quote."""
-    i += 1
-    while i < len(s):
-        if s[i] == "\\":
-            i += 2
-        elif s[i] == '"':
-            return i + 1
-        else:
-            i += 1
-    raise _Incomplete
+    m = _STRING_REST.match(s, i + 1)
+    if m is None:
+        raise _Incomplete
+    return m.end()
 
 
 def _value_end(s: str, i: int, depth: int = 0) -> int:
