@@ -150,7 +150,9 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self.output_processor.finish(seq, "abort", None)
-        return self.output_processor.make_output(req)
+        out = self.output_processor.make_output(req)
+        self._record_finished(req)  # counted as finished_reason "abort" (vLLM's request_success)
+        return out
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
