@@ -6,6 +6,8 @@ Per model: decode tok/s at batch 1 and batch 32 (the engine's own step loop, CUD
 prefill), as % of the measured bandwidth (bytes per step from gpu/roofline.py's accounting at the real contexts);
 prefill tok/s (8 prompts x 1024 tokens in 8192-token steps) as % of the measured bf16 matmul peak.
 
+Before the models: the weight-only int8 / int4 GEMMs at the 1.6B's / 12B's layer sizes (gpu/quant_bench.py).
+
     python -m gpu.bench [--models 1.6B 3B 12B] [--json $OUT/gpu-bench.json] [--backend auto]
 
 Needs a CUDA GPU; says so and exits 0 without one.
@@ -180,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
            "limits": limits, "models": []}
     print(f"{out['gpu']}: measured HBM {limits['hbm_gbps']:.0f} GB/s, bf16 matmul {limits['bf16_matmul_tflops']:.0f} "
           f"TFLOP/s", flush=True)
+    if device == "cuda":  # the int8 / int4 GEMMs alone first: seconds, and independent of the models below
+        from gpu.quant_bench import bench_quant
+
+        try:
+            out["quant"] = bench_quant(limits)
+        except Exception as e:  # reported, and the model rows still run
+            out["quant"] = [{"error": f"{type(e).__name__}: {e}"[:400]}]
     with tempfile.TemporaryDirectory() as root:
         for name in args.models:
             try:

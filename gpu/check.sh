@@ -72,7 +72,8 @@ tail -3 "$RES/build.log"
 step "3/5 kernels and engine vs references (tests/gpu)"
 # tests/gpu first (kernels at the models' shapes, the engine vs HF), then the per-op tests of tests/ops, which on
 # a GPU run the Triton kernels compiled and the CUDA kernels at every size the CPU run skips
-timeout 300 "$PY" -m gpu.minitest tests/gpu/test_gpu_kernels.py tests/gpu/test_gpu_engine.py tests/ops/test_op_*.py \
+timeout 300 "$PY" -m gpu.minitest tests/gpu/test_gpu_kernels.py tests/gpu/test_gpu_quant.py tests/gpu/test_gpu_engine.py \
+  tests/ops/test_op_*.py \
   --json "$RES/gpu-tests.json" --deadline-s 240 2>&1 | tail -40 > "$RES/tests.log"
 echo "tests=${PIPESTATUS[0]}" >> "$RES/steps.txt"
 tail -5 "$RES/tests.log"

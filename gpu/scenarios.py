@@ -52,6 +52,27 @@ def _attention(label_ref: list, tag: str, hq: int, hkv: int, d: int, dtype: torc
                     torch.tensor([0, T], dtype=torch.int32), torch.tensor([T], dtype=torch.int32), d ** -0.5)
 
 
+def _quantized(label_ref: list, tag: str, s: dict, dtype: torch.dtype) -> None:
+    """Weight-only int8 (per channel, G = K) and int4 (G = 128, zero points) GEMMs at decode and prefill sizes:
+    qkv (with a bias) and gate_up (fused SiLU). The configuration depends on M, the dtype, bits and HALVES, not on
+    the model (all its dims are multiples of 128), so one model's shapes cover every launch the others make."""
+    from stablelm_fast.kernels.quant_matmul import quant_gate_up_silu, quant_linear
+
+    H, inter, qkv = s["hidden"], s["inter"], (s["hq"] + 2 * s["hkv"]) * s["d"]
+    for bits in (8, 4):
+        g = H if bits == 8 else 128
+        for m in (1, 32, 512):
+            label_ref[0] = f"{tag} int{bits} M={m}"
+            x = _e(m, H, dtype=dtype)
+            for n in (qkv, 2 * inter):
+                qw = _e(n, H if bits == 8 else H // 2, dtype=torch.int8 if bits == 8 else torch.uint8)
+                sc, z = _e(n, H // g, dtype=torch.float32), None if bits == 8 else _e(n, H // g, dtype=torch.uint8)
+                if n == qkv:
+                    quant_linear(x, qw, sc, z, _e(n, dtype=dtype), bits, g)
+                else:
+                    quant_gate_up_silu(x, qw, sc, z, bits, g)
+
+
 def run_scenarios(label_ref: list, quick: bool = False) -> None:
     """Call every launcher at every model shape; label_ref[0] names the current scenario for the recorder."""
     from stablelm_fast.kernels.add_layernorm import add_layernorm, layernorm
@@ -72,6 +93,8 @@ def run_scenarios(label_ref: list, quick: bool = False) -> None:
             for m in (1, 32, 512):  # decode batch 1 / 32, prefill chunk
                 label_ref[0] = f"{tag} gate_up_silu M={m}"
                 gate_up_silu(_e(m, H, dtype=dtype), _e(2 * inter, H, dtype=dtype))
+            if name == "1.6B" and not mma_only:  # fp16 takes bf16's configurations
+                _quantized(label_ref, tag, s, dtype)
             groups = (s["hq"] // s["hkv"],) if s["hq"] != s["hkv"] or quick else (1, 4)
             for group in groups:  # head sizes 64 / 80 also with GQA 4 (the 12B's ratio)
                 _attention(label_ref, f"{tag} gqa{group}", s["hq"], s["hq"] // group, s["d"], dtype,

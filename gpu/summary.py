@@ -80,6 +80,13 @@ def summarise(res: str) -> tuple[list[str], bool]:
                          f"{m['decode_b1_tok_s']:>9.0f} ({m['decode_b1_hbm_pct']:>4.0f}% HBM) "
                          f"{m['decode_b32_tok_s']:>9.0f} ({m['decode_b32_hbm_pct']:>4.0f}% HBM) "
                          f"{m['prefill_tok_s']:>9.0f} ({m['prefill_matmul_pct']:>4.0f}% matmul)")
+    for q in (bench or {}).get("quant", []):
+        if "error" in q:
+            lines.append(f"    quant GEMM ERROR {q['error'][:100]}")
+            continue
+        lines.append(f"    {q['model']:<5} {q['layer']:<8} {q['mode']:<10} decode {q['decode_us']:>7.1f} us "
+                     f"({q['decode_hbm_pct']:>4.0f}% HBM)  M=512 {q['prefill_us']:>8.1f} us "
+                     f"({q['prefill_matmul_pct']:>4.0f}% matmul)")
     lines.append(f"  files: {res}")
     return lines, ok
 

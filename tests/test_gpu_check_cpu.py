@@ -15,7 +15,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GPU_TESTS = ["tests/gpu/test_gpu_kernels.py", "tests/gpu/test_gpu_engine.py"]
+GPU_TESTS = ["tests/gpu/test_gpu_kernels.py", "tests/gpu/test_gpu_quant.py", "tests/gpu/test_gpu_engine.py"]
 
 
 def _env() -> dict:
@@ -52,7 +52,8 @@ def test_gpu_tests_collect_and_skip_without_pytest(tmp_path):
     data = json.loads(out.read_text())
     ids = [t["id"] for t in data["results"]]
     assert len(ids) > 150 and len(set(ids)) == len(ids), r.stdout + r.stderr
-    for needle in ("triton", "cuda", "float16", "bfloat16", "float32", "160-32-8", "stablelm-2-12b", "eager"):
+    for needle in ("triton", "cuda", "float16", "bfloat16", "float32", "160-32-8", "stablelm-2-12b", "eager",
+                   "test_quant_linear_real_sizes", "test_quant_gate_up_silu_real_sizes"):
         assert any(needle in i for i in ids), needle
     if torch.cuda.is_available():
         pytest.skip("GPU present: the tests ran for real above")

@@ -1,4 +1,5 @@
-"""The `triton` backend: the Triton kernels in kernels/ (installed as stablelm_fast.kernels), torch GEMM for linear.
+"""The `triton` backend: the Triton kernels in kernels/ (installed as stablelm_fast.kernels), torch GEMM for linear,
+weight-only int8 / int4 GEMMs from kernels/quant_matmul.py (the cuda backend falls back to them).
 
 Every function has the signature and semantics of stablelm_fast/ops/reference.py (see ops/__init__.py).
 
@@ -24,6 +25,7 @@ from stablelm_fast.kernels._common import host_value_once
 from stablelm_fast.kernels.add_layernorm import add_layernorm, layernorm  # noqa: F401
 from stablelm_fast.kernels.paged_attention_decode import paged_attention_decode as _triton_paged_attention_decode
 from stablelm_fast.kernels.paged_attention_prefill import paged_attention as _triton_paged_attention
+from stablelm_fast.kernels.quant_matmul import pack_quant_weight, quant_gate_up_silu, quant_linear  # noqa: F401
 from stablelm_fast.kernels.rope_qknorm_cache import qk_norm_rope_cache  # noqa: F401
 from stablelm_fast.kernels.silu_and_mul import gate_up_silu, silu_and_mul  # noqa: F401
 
