@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from stablelm_fast.config import ModelConfig, resolve_device, resolve_dtype
+from stablelm_fast.engine import kv_cache
 from stablelm_fast.engine.block_manager import BlockManager
 from stablelm_fast.engine.draft_model import DraftModel
 from stablelm_fast.engine.executor import Executor, make_executor
 from stablelm_fast.engine.input_processor import InputProcessor, ProcessedPrompt
-from stablelm_fast.engine.kv_cache import default_num_blocks
 from stablelm_fast.engine.output_processor import OutputProcessor
 from stablelm_fast.engine.scheduler import Scheduler
 from stablelm_fast.engine.sequence import Request, Sequence
@@ -94,12 +94,14 @@ class LLMEngine:
                                                 self.backend, args.tensor_parallel_size, args.seed)
         bytes_per_block = self.executor.kv_bytes_per_block(args.block_size) + (
             self.drafter.kv_bytes_per_block(args.block_size) if self.drafter is not None else 0)
-        num_blocks = args.num_kv_blocks or default_num_blocks(
+        num_blocks = args.num_kv_blocks or kv_cache.default_num_blocks(
             bytes_per_block, args.block_size, self.max_model_len, args.max_num_seqs, self.device,
             args.kv_cache_memory_gb)
         for runner in [self.executor] + ([self.drafter] if self.drafter is not None else []):
             runner.allocate_kv_cache(num_blocks, args.block_size)
             runner.enable_cuda_graphs(args.max_num_seqs, -(-self.max_model_len // args.block_size))
+        kv_cache.logger.info(kv_cache.describe(num_blocks, args.block_size, bytes_per_block, self.max_model_len,
+                                               self.device))
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         max_batched = args.max_num_batched_tokens or max(self.max_model_len, 2048)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched,

@@ -11,6 +11,7 @@ import os
 import torch
 
 from stablelm_fast.config import ModelConfig
+from stablelm_fast.engine import kv_cache
 from stablelm_fast.engine.step_input import StepInput
 from stablelm_fast.layers.attention import AttentionMetadata
 from stablelm_fast.layers.parallel import TPInfo
@@ -48,11 +49,9 @@ class ModelRunner:
         return 2 * self.config.num_hidden_layers * block_size * shard.num_kv * self.config.head_dim * itemsize
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        shard = self.model.head_shard
-        # [layers, 2, num_blocks, block_size, Hkv, D] in one allocation; each layer gets (k, v) views
-        cache = torch.zeros(self.config.num_hidden_layers, 2, num_blocks, block_size, shard.num_kv,
-                            self.config.head_dim, dtype=self.dtype, device=self.device)
-        self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(self.config.num_hidden_layers)]
+        # one allocation, per-layer (k, v) views; on the CPU its pages are committed as sequences write them
+        self.kv_caches = kv_cache.allocate(self.config.num_hidden_layers, num_blocks, block_size,
+                                           self.model.head_shard.num_kv, self.config.head_dim, self.dtype, self.device)
         self.num_blocks = num_blocks
 
     def enable_cuda_graphs(self, max_batch: int, max_blocks_per_seq: int) -> None:
