@@ -3,7 +3,9 @@ layouts) give the same prompt logprobs and greedy tokens as the same model dequa
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from tests.quant_checkpoint_writers import write_prequantized
 
 BUILTIN = os.path.join(os.path.dirname(os.path.dirname(__file__)), "stablelm_fast", "assets", "stablelm-pystdlib-4m")
 PROMPTS = [{"prompt_token_ids": list(range(40, 71))}, {"prompt_token_ids": [7, 300, 21, 9, 1200, 5, 88, 17]}]
-PARAMS = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=1, ignore_eos=True)
+PARAMS = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1, ignore_eos=True)
 KW = dict(dtype="float32", backend="torch", num_kv_blocks=32)
 
 
@@ -28,8 +30,8 @@ def _run(model_dir: str, **kw):
     return [o.outputs[0].token_ids for o in outs], lps
 
 
-@pytest.mark.parametrize("method,group,sym,desc_act", [("gptq", 128, False, False), ("gptq", 64, True, True),
-                                                       ("awq", 128, False, False)])
+# NOTE: GPTQ without act-order, asymmetric, is the tensor-parallel test's checkpoint below
+@pytest.mark.parametrize("method,group,sym,desc_act", [("gptq", 64, True, True), ("awq", 128, False, False)])
 def test_prequantized_matches_dequantized_reference(tmp_path, method, group, sym, desc_act):
     q, ref = str(tmp_path / "q"), str(tmp_path / "ref")
     write_prequantized(BUILTIN, q, ref, method, group, sym=sym, desc_act=desc_act)
@@ -53,16 +55,28 @@ def test_gptq_under_tensor_parallelism(tmp_path):
 
 
 def test_prequantized_refusals(tmp_path):
-    q, ref = str(tmp_path / "q"), str(tmp_path / "ref")
-    write_prequantized(BUILTIN, q, ref, "gptq", 64, sym=True, desc_act=True)
+    q = str(tmp_path / "q")  # config.json and tokenizer only: every refusal comes before the weights are read
+    os.makedirs(q)
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(BUILTIN, f), q)
+    with open(os.path.join(q, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True}
+    with open(os.path.join(q, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
     with pytest.raises(ValueError, match="already quantized"):
         LLM(q, quantization="int4", **KW)
     with pytest.raises(ValueError, match="quant_method 'awq'"):
         LLM(q, quantization="awq", **KW)
     with pytest.raises(ValueError, match="quant_method 'gptq'"):
-        LLM(ref, quantization="gptq", **KW)
+        LLM(BUILTIN, quantization="gptq", **KW)
     with pytest.raises(ValueError, match="dummy"):
         LLM(q, load_format="dummy", **KW)
+    cfg["quantization_config"]["bits"] = 8
+    with open(os.path.join(q, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="bits=8 are not supported"):
+        LLM(q, **KW)
 
 
 def test_act_order_refused_for_row_parallel_shards():
