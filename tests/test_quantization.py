@@ -103,8 +103,16 @@ def test_dummy_weights_quantize_the_same_draw():
 
 
 def test_group_size_must_divide_the_layer():
+    from stablelm_fast.layers.linear import RowParallelLinear
+    from stablelm_fast.layers.parallel import TPInfo
+    from stablelm_fast.ops import get_ops
+
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj: 384 input features .* group_size 256"):
         LLM(BUILTIN, quantization="int4", quantization_config={"group_size": 256}, **KW)
+    int4 = resolve_quant_config("int4", None, BUILTIN)  # groups of 128: 384 / 2 = 192 per rank does not fit
+    with pytest.raises(ValueError, match=r"down_proj: 192 input features \(this rank's part with "
+                                         r"tensor_parallel_size=2\) are not divisible .* group_size 128"):
+        RowParallelLinear(384, 256, get_ops("torch"), TPInfo(0, 2), "intermediate_size", int4, "down_proj")
 
 
 @pytest.mark.parametrize("quantization,qconfig,match", [
