@@ -11,9 +11,10 @@ run) over the reference's top k plus a rest bucket (a lower bound of the full-vo
 
 --outliers: random weights have no outlier channels, trained models do. This writes a random model with the 1.6B's
 architecture (qkv bias, sequential residual, head_dim 64, intermediate / hidden = 2.75) shrunk to hidden 512 and 4
-layers, linear weights of std 0.02, and injects (a) outlier input channels: 1% of every linear's input columns scaled by 8, the same channels
-across layers, as the hidden states' outlier features; (b) outlier weights: 0.1% of each linear's weights scaled by
-10. Its perplexity means nothing (random model); its KL says how much each mode loses to outliers.
+layers, linear weights of std 0.02, and injects (a) outlier input channels: 1% of every linear's input columns
+scaled by 8, the same channels across layers, as the hidden states' outlier features; (b) outlier weights: 0.1% of
+each linear's weights scaled by 10. Its perplexity means nothing (random model); its KL says how much each mode
+loses to outliers.
 """
 
 from __future__ import annotations
