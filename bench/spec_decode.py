@@ -1,8 +1,14 @@
-"""Speculative decoding (n-gram prompt lookup): acceptance, tokens per step and batch-1 decode speed-up, plus what
-verifying k + 1 tokens costs against 1 on the StableLM-2-1.6B shape.
+"""Speculative decoding (n-gram prompt lookup, draft models): acceptance, tokens per step and batch-1 decode
+speed-up, plus what verifying k + 1 tokens costs against 1 on the StableLM-2-1.6B shape.
 
     .venv/bin/python bench/spec_decode.py                       # the built-in trained model, code-rewrite workload
     .venv/bin/python bench/spec_decode.py --model DIR --k 2 4 6 --verify-cost
+    .venv/bin/python bench/spec_decode.py --drafts self random DIR --draft-k 2 4   # draft models too
+
+Draft models (--drafts): "self" is the target drafting for itself (every draft accepted: shows what the draft passes
+cost), "random" a random-weight draft of half the target's width, MLP and layers, with its tokenizer
+(acceptance near zero: the worst case), or the folder of a trained draft sharing the target's tokenizer, e.g.
+stablelm_fast/assets/stablelm-pystdlib-1m-draft (1.3M parameters, trained like the built-in model).
 
 Workload ("code rewrite", where the output repeats the prompt): each prompt is a function from the held-out part of
 the model's corpus (the Python stdlib), then a comment asking for it again and its first line; greedy decoding of
@@ -105,6 +111,48 @@ def verify_cost(ks: list[int], repeats: int = 5) -> list[list]:
     return rows
 
 
+def random_draft(model_dir: str) -> str:
+    """A random-weight draft: the target's config at half the width (and MLP), half the layers, its tokenizer."""
+    import json
+    import shutil
+
+    from stablelm_fast.tiny import write_random_weights
+
+    out = os.path.join(ROOT, "bench", ".cache", f"random-draft-of-{os.path.basename(model_dir.rstrip('/'))}")
+    if not os.path.isfile(os.path.join(out, "model.safetensors")):
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        heads = max(1, cfg["num_attention_heads"] // 2)
+        cfg.update(hidden_size=cfg["hidden_size"] // 2, intermediate_size=cfg["intermediate_size"] // 2,
+                   num_hidden_layers=max(1, cfg["num_hidden_layers"] // 2), num_attention_heads=heads,
+                   num_key_value_heads=min(cfg.get("num_key_value_heads", heads), heads))
+        for name in os.listdir(model_dir):
+            if name.startswith("tokenizer") or name == "generation_config.json":
+                shutil.copy(os.path.join(model_dir, name), out)
+        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=1)
+        write_random_weights(out, cfg, seed=0)
+    return out
+
+
+def measure(model: str, kw: dict, cfg: dict, prompts: list[str], max_tokens: int, ref: list[list[int]],
+            base_rate: float, label: str) -> list:
+    """One table row: speculation with cfg against the run without (ref tokens, base_rate tok/s)."""
+    from stablelm_fast import LLM
+
+    llm = LLM(model, speculative_config=cfg, **kw)
+    run(llm, prompts[:1], 8)
+    llm.engine.num_spec_proposed = llm.engine.num_spec_accepted = 0
+    outs, rate, steps = run(llm, prompts, max_tokens)
+    e = llm.engine
+    acc = e.num_spec_accepted / max(e.num_spec_proposed, 1)
+    same = "yes" if outs == ref else "NO"
+    llm.shutdown()
+    return [label, e.num_spec_proposed, f"{acc:.0%}", f"{sum(map(len, outs)) / max(steps, 1):.2f}", f"{rate:.1f}",
+            f"{rate / base_rate:.2f}x", same]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=BUILTIN_MODEL)
@@ -113,6 +161,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--drafts", nargs="*", default=[],
+                    help='draft models to try: "self", "random" or a folder (default: none, n-gram only)')
+    ap.add_argument("--draft-k", type=int, nargs="+", default=[2, 4], help="num_speculative_tokens of the drafts")
     ap.add_argument("--verify-cost", action="store_true", help="also time 1 + k tokens vs 1 on the 1.6B shape")
     ap.add_argument("--threads", type=int, default=1,
                     help="threads for the workload (default 1: a 4M-parameter model's steps are overhead-bound and "
@@ -131,16 +182,13 @@ def main() -> None:
     table = [["off", "-", "-", f"{sum(map(len, ref)) / max(base_steps, 1):.2f}", f"{base_rate:.1f}", "1.00x", "-"]]
     for k in args.k:
         cfg = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
-        llm = LLM(args.model, speculative_config=cfg, **kw)
-        run(llm, prompts[:1], 8)
-        llm.engine.num_spec_proposed = llm.engine.num_spec_accepted = 0
-        outs, rate, steps = run(llm, prompts, args.max_tokens)
-        e = llm.engine
-        acc = e.num_spec_accepted / max(e.num_spec_proposed, 1)
-        same = "yes" if outs == ref else "NO"
-        table.append([f"ngram k={k}", e.num_spec_proposed, f"{acc:.0%}", f"{sum(map(len, outs)) / max(steps, 1):.2f}",
-                      f"{rate:.1f}", f"{rate / base_rate:.2f}x", same])
-        llm.shutdown()
+        table.append(measure(args.model, kw, cfg, prompts, args.max_tokens, ref, base_rate, f"ngram k={k}"))
+    for name in args.drafts:
+        path = {"self": args.model, "random": None}.get(name, name) or random_draft(args.model)
+        for k in args.draft_k:
+            cfg = {"method": "draft_model", "model": path, "num_speculative_tokens": k}
+            label = f"draft {os.path.basename(name.rstrip('/'))} k={k}"
+            table.append(measure(args.model, kw, cfg, prompts, args.max_tokens, ref, base_rate, label))
     print(f"\ncode-rewrite workload: {len(prompts)} prompts, greedy, {args.max_tokens} tokens each, {args.dtype}, "
           f"model {os.path.basename(args.model.rstrip('/'))}")
     print_table(table, ["speculation", "drafts proposed", "accepted", "tokens/step", "decode tok/s (median)",

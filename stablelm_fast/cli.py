@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued-requests", type=int, default=None, metavar="N",
                    help="sequences that may wait beyond --max-num-seqs; past it requests get 503 with Retry-After "
                         "(default: no limit)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="abort a request (freeing its KV cache) that has not finished this long after it arrived; "
+                        "the client gets 504 (default: none; a request may ask for less with 'request_timeout')")
     p.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
                    help="browser origin allowed to call the API (CORS; repeatable; '*': any; default: no CORS)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -229,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      max_pending_seqs=(None if args.max_queued_requests is None
                                        else args.max_num_seqs + args.max_queued_requests),
-                     allowed_origins=args.allowed_origins)
+                     allowed_origins=args.allowed_origins, request_timeout=args.request_timeout)
     print(f"stablelm-fast: serving {args.model} as {app.state.served_model_names} on http://{args.host}:{args.port}"
           + (" (API key required)" if args.api_key else ""), file=sys.stderr)
     try:

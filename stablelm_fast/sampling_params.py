@@ -25,6 +25,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # logprob of each prompt token (and the top-k) in RequestOutput.prompt_logprobs
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (in [-100, 100]), before penalties
+    include_stop_str_in_output: bool = False  # keep the stop string (or stop_token_ids token's text) in the text
     # constrained decoding (vLLM's name): a StructuredOutputsParams, or a dict of its fields
     structured_outputs: Any = None
     stop_strings: list[str] = field(init=False, repr=False)
@@ -85,6 +87,18 @@ class SamplingParams:
             raise bad("ignore_eos", "must be a bool")
         if not isinstance(self.skip_special_tokens, bool):
             raise bad("skip_special_tokens", "must be a bool")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise bad("include_stop_str_in_output", "must be a bool")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise bad("logit_bias", "must be a dict of token id -> bias")
+            for tid, bias in self.logit_bias.items():
+                if not is_int(tid) or tid < 0:
+                    raise ValueError(f"SamplingParams.logit_bias keys must be token ids (integers >= 0); got {tid!r}")
+                if not is_num(bias) or not -100 <= bias <= 100:
+                    raise ValueError(f"SamplingParams.logit_bias values must be numbers in [-100, 100]; got {bias!r} "
+                                     f"for token {tid}")
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
         if self.structured_outputs is not None:
             from stablelm_fast.structured_outputs import StructuredOutputsParams
             self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)

@@ -3,14 +3,15 @@
 The model card's recipe: the tools, as the OpenAI JSON list (indented by 2), go into the system prompt after a fixed
 header; the model answers a call with a JSON list of {"name", "arguments"} objects. This module renders tools and
 tool-call history into plain chat messages (so any chat template can render them) and turns a reply back into OpenAI
-`tool_calls`, whole or streamed.
+`tool_calls`, whole or streamed (tool_call_stream.py).
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
+
+from stablelm_fast.tool_call_stream import StreamingToolParser, parse_reply  # noqa: F401  (re-exported)
 
 TOOLS_HEADER = "You are a helpful assistant with access to the following functions. You must use them if required -\n"
 
@@ -112,73 +113,7 @@ def render_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
     return out
 
 
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def _as_call(obj: Any) -> dict | None:
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
-        return None
-    if not set(obj) <= {"name", "arguments", "parameters"}:
-        return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):
-        arguments = args
-    else:
-        arguments = json.dumps({} if args is None else args, ensure_ascii=False)
-    return {"id": new_call_id(), "type": "function", "function": {"name": obj["name"], "arguments": arguments}}
-
-
-def parse_tool_calls(text: str) -> list[dict] | None:
-    """OpenAI tool_calls if the whole reply is a JSON list (or one object) of {"name", "arguments"}; else None."""
-    stripped = text.strip()
-    if not stripped or stripped[0] not in "[{":
-        return None
-    try:
-        value = json.loads(stripped)
-    except (json.JSONDecodeError, RecursionError):
-        return None
-    items = value if isinstance(value, list) else [value]
-    if not items:
-        return None
-    calls = [_as_call(item) for item in items]
-    if any(c is None for c in calls):
-        return None
-    return calls
-
-
-class StreamingToolParser:
-    """Decides, for a streamed reply, between plain content (emitted as it comes) and tool calls.
-
-    While only whitespace has arrived nothing is emitted. If the first other character is '[' or '{' the whole reply
-    is held back and decided at the end (tool calls, or the held text as content if it does not parse); otherwise
-    everything is passed through at once.
-    """
-
-    def __init__(self) -> None:
-        self.buffer = ""
-        self.mode: str | None = None  # None (undecided), "content", "json"
-
-    def feed(self, delta: str) -> str:
-        """Content to emit now for this delta."""
-        if self.mode == "content":
-            return delta
-        self.buffer += delta
-        stripped = self.buffer.lstrip()
-        if not stripped:
-            return ""
-        if stripped[0] in "[{":
-            self.mode = "json"
-            return ""
-        self.mode = "content"
-        held, self.buffer = self.buffer, ""
-        return held
-
-    def finish(self) -> tuple[str, list[dict] | None]:
-        """At the end of the reply: (content still to emit, tool calls or None)."""
-        held, self.buffer = self.buffer, ""
-        if self.mode == "json":
-            calls = parse_tool_calls(held)
-            if calls is not None:
-                return "", calls
-        return held, None
+def parse_tool_calls(text: str, names: set[str] | None = None) -> list[dict] | None:
+    """OpenAI tool_calls if the reply holds a complete JSON list (or one object) of {"name", "arguments"} (with text
+    before or after it: see tool_call_stream.parse_reply for the content); else None. names: the tools allowed."""
+    return parse_reply(text, names)[1]

@@ -41,7 +41,7 @@ def test_references_take_the_declared_arguments():
     for name, op in OPS.items():
         params = list(inspect.signature(op.reference).parameters)
         assert params, name
-        assert params[0] in ("x", "weight", "gate_up", "qkv", "q"), (name, params)
+        assert params[0] in ("x", "weight", "qweight", "gate_up", "qkv", "q"), (name, params)
 
 
 def test_every_cpp_op_has_a_fake_kernel():

@@ -147,7 +147,7 @@ def test_malformed_json_is_400_never_500(served):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
-UNSUPPORTED = [("include_stop_str_in_output", True), ("use_beam_search", True), ("chat_template", "{{ messages }}")]
+UNSUPPORTED = [("allowed_token_ids", [1]), ("use_beam_search", True), ("chat_template", "{{ messages }}")]
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
@@ -159,7 +159,7 @@ def test_unsupported_fields_are_400_naming_them(served, path):
     for (field, _), r in zip(fields, rs):
         _assert_400(r, field, field, "not supported")
     # the same fields at their no-op values are fine
-    noop = {"response_format": {"type": "text"}, "include_stop_str_in_output": False, "guided_json": None,
+    noop = {"response_format": {"type": "text"}, "allowed_token_ids": None, "guided_json": None,
             "spaces_between_special_tokens": True}
     (ok,) = _run(served[1], [("POST", path, {**base, **noop})])
     assert ok.status_code == 200, ok.text

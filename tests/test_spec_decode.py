@@ -9,6 +9,8 @@ from stablelm_fast import LLM, SamplingParams
 from stablelm_fast.engine.spec_decode import SpeculativeConfig, ngram_propose, verify
 from stablelm_fast.layers.sampler import Sampler, SamplingRow
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
 
@@ -20,9 +22,10 @@ def test_ngram_propose_takes_the_most_recent_longest_match():
 
 
 @pytest.mark.parametrize("raw,match", [
-    ({"method": "eagle"}, "method"), ({"method": "draft_model", "model": "x"}, "not supported yet"),
-    ({"num_speculative_tokens": 0}, "num_speculative_tokens"), ({"prompt_lookup_min": 3, "prompt_lookup_max": 2},
-                                                                "prompt_lookup_max"), ({"lookahead": 2}, "unknown key"),
+    ({"method": "eagle"}, "method"), ({"method": "draft_model"}, "needs 'model'"),
+    ({"method": "ngram", "model": "x"}, "draft_model' only"), ({"model": "x", "prompt_lookup_max": 2}, "'ngram' only"),
+    ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_max"), ({"lookahead": 2}, "unknown key"),
 ])
 def test_bad_speculative_config_is_refused(raw, match):
     with pytest.raises(ValueError, match=match):

@@ -114,22 +114,58 @@ def test_parse_list_single_and_malformed():
     assert single[0]["function"]["name"] == "get_weather"
     assert json.loads(single[0]["function"]["arguments"]) == {"city": "Paris"}
     for text in ['[{"name": "TextToImage", "arguments": {"prompt": "Eiff', "[1, 2]", '{"city": "Paris"}', "[]",
-                 "Hello [there]", "", '[{"name": "x", "arguments": {}}] trailing']:
+                 "Hello [there]", "", '[{"name": "x", "arguments": {}, "extra": 1}]']:
         assert tc.parse_tool_calls(text) is None, text
+    # text before and after the list is content; a call to a tool that was not shown is no call
+    content, calls = tc.parse_reply('Sure.\n[{"name": "x", "arguments": {"a": [1, "]"]}}] Done.', {"x"})
+    assert content == "Sure.\n Done." and json.loads(calls[0]["function"]["arguments"]) == {"a": [1, "]"]}
+    assert tc.parse_reply('[{"name": "x", "arguments": {}}]', {"y"}) == ('[{"name": "x", "arguments": {}}]', None)
 
 
-@pytest.mark.parametrize("chunks,content,names", [
-    (["  \n", "[\n  {", '"name": "TextToImage", ', '"arguments": {"prompt": "x"}}', "\n]"], "", ["TextToImage"]),
-    (["Hello", " world"], "Hello world", None),
-    (["\n", "Sure: ", "[1]"], "\nSure: [1]", None),
-    (['[{"name": "TextToImage", ', '"arguments": {"pro'], '[{"name": "TextToImage", "arguments": {"pro', None),
+def _stream(parser, chunks):
+    """Feed chunks -> (content, [(name, arguments)], complete, number of argument fragments)."""
+    content, calls, fragments = "", {}, 0
+    for i, c in enumerate(chunks + [None]):
+        text, deltas, complete = (*parser.feed(c), False) if c is not None else parser.finish()
+        content += text
+        for d in deltas:
+            if "id" in d:
+                assert d["type"] == "function" and d["id"].startswith("call_") and d["index"] not in calls
+                calls[d["index"]] = [d["function"]["name"], ""]
+            elif d["function"]["arguments"]:
+                fragments += 1
+            calls[d["index"]][1] += d["function"]["arguments"]
+    return content, [tuple(calls[k]) for k in sorted(calls)], complete, fragments
+
+
+@pytest.mark.parametrize("chunks,content,calls", [
+    (["  \n", "[\n  {", '"name": "TextToImage", ', '"arguments": {"prompt": "x"}}', "\n]"], "",
+     [("TextToImage", {"prompt": "x"})]),
+    (["Hello", " world"], "Hello world", []),
+    (["\n", "Sure: ", "[1]"], "\nSure: [1]", []),
+    (["Let me", " look. [", '{"arguments": {"q": "a', '"}, "na', 'me": "f"}, {"name": "g"}] ', "ok"],
+     "Let me look.  ok", [("f", {"q": "a"}), ("g", {})]),
+    (['{"name": "f", "parameters": "{\\"q\\": 1}"}'], "", [("f", {"q": 1})]),
 ])
-def test_streaming_parser(chunks, content, names):
-    parser = tc.StreamingToolParser()
-    emitted = "".join(parser.feed(c) for c in chunks)
-    rest, calls = parser.finish()
-    assert emitted + rest == content
-    assert (None if calls is None else [c["function"]["name"] for c in calls]) == names
+def test_streaming_parser(chunks, content, calls):
+    got_content, got_calls, complete, _ = _stream(tc.StreamingToolParser(), chunks)
+    assert got_content == content and complete == bool(calls)
+    assert [(n, json.loads(a)) for n, a in got_calls] == calls
+    # the whole reply at once says the same
+    whole_content, whole_calls = tc.parse_reply("".join(chunks))
+    assert whole_content.strip() == (content if calls else "".join(chunks)).strip()
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole_calls or []] == calls
+
+
+def test_streaming_parser_sends_arguments_as_they_come():
+    reply = '[{"name": "f", "arguments": {"text": "a long argument, written token by token"}}]'
+    content, calls, complete, fragments = _stream(tc.StreamingToolParser({"f"}), [reply[i:i + 3]
+                                                                                  for i in range(0, len(reply), 3)])
+    assert content == "" and complete and fragments > 10
+    assert calls == [("f", '{"text": "a long argument, written token by token"}')]
+    # a call cut short: its header and partial arguments went out; it is not complete
+    content, calls, complete, _ = _stream(tc.StreamingToolParser({"f"}), ['[{"name": "f", "arguments": {"te'])
+    assert content == "" and calls == [("f", '{"te')] and not complete
 
 
 # ---- end to end through the HTTP app, with a scripted engine ---------------------------------------------------------
@@ -188,7 +224,10 @@ async def _chat(app, stream, **kw):
             for choice in chunk.choices:
                 content += choice.delta.content or ""
                 for call in choice.delta.tool_calls or []:
-                    calls[call.index] = call
+                    if call.id:  # the first delta of a call: id, type, name
+                        calls[call.index] = call
+                    else:
+                        calls[call.index].function.arguments += call.function.arguments
                 if choice.finish_reason:
                     reasons.append(choice.finish_reason)
         return content, [calls[k] for k in sorted(calls)], reasons
@@ -218,15 +257,35 @@ def test_http_tool_call(scripted, stream):
 @pytest.mark.parametrize("stream", [False, True])
 def test_http_malformed_and_plain_are_content(scripted, stream):
     engine, app = scripted
-    for pieces in (['[{"name": "TextToImage", ', '"arguments": {"prompt": "Eiff'], ["It is ", "night."]):
+    for pieces in (['[{"name": "TextToImage", ', '"arguments": {"prompt": "Eiff'], ["It is ", "night."],
+                   ['[{"name": "Other", "arguments": {}}]']):
         engine.pieces = pieces
         result = asyncio.run(_chat(app, stream, tools=[TEXT_TO_IMAGE]))
         if stream:
             content, calls, reasons = result
+            if pieces[0].startswith('[{"name": "TextToImage"'):
+                # streamed, a call cut short has gone out as far as it was written (it is not complete)
+                assert content == "" and calls[0].function.arguments == '{"prompt": "Eiff' and reasons == ["stop"]
+                continue
         else:
             content, calls = result.choices[0].message.content, result.choices[0].message.tool_calls
             reasons = [result.choices[0].finish_reason]
         assert content == "".join(pieces) and not calls and reasons == ["stop"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_http_text_before_a_call_is_kept(scripted, stream):
+    engine, app = scripted
+    engine.pieces = ["I will draw it.", "\n[", '{"name": "TextToImage", "arguments": {"prompt": ', '"Eiffel"}}]']
+    result = asyncio.run(_chat(app, stream, tools=[TEXT_TO_IMAGE]))
+    if stream:
+        content, calls, reasons = result
+    else:
+        msg = result.choices[0].message
+        content, calls, reasons = msg.content, msg.tool_calls, [result.choices[0].finish_reason]
+    assert content == "I will draw it.\n" and reasons == ["tool_calls"]
+    assert [c.function.name for c in calls] == ["TextToImage"]
+    assert json.loads(calls[0].function.arguments) == {"prompt": "Eiffel"}
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -49,11 +49,14 @@ def header(title: str) -> float:
     return bw
 
 
-def row(name: str, t_ref: float, t_ours: float, nbytes: int | None = None, bw: float | None = None) -> None:
+def row(name: str, t_ref: float, t_ours: float, nbytes: int | None = None, bw: float | None = None,
+        flops: float | None = None) -> None:
     line = f"{name:<44} ref {t_ref * 1e3:9.3f} ms   C++ {t_ours * 1e3:8.3f} ms   speedup {t_ref / t_ours:6.2f}x"
     if nbytes is not None and bw:
         gbs = nbytes / t_ours / 1e9
         line += f"   {gbs:6.1f} GB/s ({100 * gbs / bw:4.0f}% of {bw:.1f})"
+    if flops is not None:
+        line += f"   {flops / t_ours / 1e9:6.1f} GFLOP/s (ref {flops / t_ref / 1e9:.1f})"
     print(line, flush=True)
 
 

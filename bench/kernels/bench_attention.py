@@ -1,4 +1,9 @@
-"""Paged attention (decode and prefill): reference vs C++.  .venv/bin/python bench/kernels/bench_attention.py"""
+"""Paged attention (decode and prefill): reference vs C++, with GB/s of KV read (decode) and GFLOP/s (prefill).
+
+    .venv/bin/python bench/kernels/bench_attention.py
+    SLF_BENCH_CPU_TIME=1 SLF_BENCH_THREADS=1 ... (stable figures on a shared machine; STABLELM_FAST_ISA=avx2 or
+    scalar runs the lower kernels)
+"""
 
 from __future__ import annotations
 
@@ -31,14 +36,16 @@ def main() -> None:
                           _util.timeit(lambda: reference.paged_attention_decode(q, kc, vc, bt, lens, d**-0.5)),
                           _util.timeit(lambda: cpu_ops.paged_attention_decode(q, kc, vc, bt, lens, d**-0.5)),
                           kv_bytes, bw)
-            t = 512
-            kc, vc, bt = _cache(1, t, hkv, d, dtype)
-            q = torch.randn(t, hq, d).to(dtype)
-            cu, lens = torch.tensor([0, t], dtype=torch.int32), torch.tensor([t], dtype=torch.int32)
-            _util.row(f"{str(dtype)[6:]} prefill T={t} Hq={hq} Hkv={hkv} D={d}",
-                      _util.timeit(lambda: reference.paged_attention(q, kc, vc, bt, cu, lens, d**-0.5), min_time=0.1),
-                      _util.timeit(lambda: cpu_ops.paged_attention(q, kc, vc, bt, cu, lens, d**-0.5), min_time=0.1))
-
+            for t in (128, 512):  # one prompt: the compare benchmark's 128 tokens, and a longer one
+                kc, vc, bt = _cache(1, t, hkv, d, dtype)
+                q = torch.randn(t, hq, d).to(dtype)
+                cu, lens = torch.tensor([0, t], dtype=torch.int32), torch.tensor([t], dtype=torch.int32)
+                flops = 2 * 2 * hq * d * t * (t + 1) / 2  # QK^T and PV over the causal half
+                _util.row(f"{str(dtype)[6:]} prefill T={t} Hq={hq} Hkv={hkv} D={d}",
+                          _util.timeit(lambda: reference.paged_attention(q, kc, vc, bt, cu, lens, d**-0.5),
+                                       min_time=0.1),
+                          _util.timeit(lambda: cpu_ops.paged_attention(q, kc, vc, bt, cu, lens, d**-0.5),
+                                       min_time=0.1), flops=flops)
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,12 @@
 // Paged causal attention on CPU: varlen prefill / chunked-prefill extend, and decode (q_len = 1), with GQA.
-// Scores, softmax and the output accumulator are fp32 (online softmax over tiles of KT keys).
+// Scores, softmax and the output accumulator are fp32 (online softmax over tiles of KT keys). This file splits the
+// work into items and runs decode; prefill / extend items go to attention_tile.cpp (AVX2 / AVX-512 GEMM tiles) and,
+// below AVX2, to the scalar attention_item here; AVX-512 decode tiles are in attention_decode512.cpp.
 #include <algorithm>
 #include <atomic>
 #include <vector>
 
+#include "cpu/attention_tile.h"
 #include "cpu/cpu_types.h"
 #include "cpu/vec_math.h"
 #include "ops.h"
@@ -36,27 +39,6 @@ SLF_AVX2 float dot_avx2(const float* q, const scalar_t* k, int64_t d) {
   return s;
 }
 
-// s[j] = dot(q, k[j]) for 4 keys at once: one pass over q and a single combined horizontal reduction.
-template <typename scalar_t>
-SLF_AVX2 void dot4_avx2(const float* q, const scalar_t* const* k, int64_t d, float* s) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= d; i += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + i);
-    a0 = _mm256_fmadd_ps(qv, load8(k[0] + i), a0);
-    a1 = _mm256_fmadd_ps(qv, load8(k[1] + i), a1);
-    a2 = _mm256_fmadd_ps(qv, load8(k[2] + i), a2);
-    a3 = _mm256_fmadd_ps(qv, load8(k[3] + i), a3);
-  }
-  // hadd tree: lanes of (a0, a1, a2, a3) -> 4 sums.
-  const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
-  const __m256 h = _mm256_hadd_ps(h01, h23);
-  const __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  _mm_storeu_ps(s, r);
-  for (; i < d; ++i)
-    for (int j = 0; j < 4; ++j) s[j] += q[i] * to_float(k[j][i]);
-}
-
 // s[j] = exp(s[j] - m) for j < n; returns their sum.
 SLF_AVX2 float exp_sum_avx2(float* s, int64_t n, float m) {
   const __m256 vm = _mm256_set1_ps(m);
@@ -73,26 +55,6 @@ SLF_AVX2 float exp_sum_avx2(float* s, int64_t n, float m) {
     sum += s[j];
   }
   return sum;
-}
-
-template <typename scalar_t>
-SLF_AVX2 void scale_add_avx2(float* acc, float alpha, const float* p, const scalar_t* const* v, int64_t n,
-                             int64_t d) {
-  // acc[:d] = acc * alpha + sum_j p[j] * v[j][:d]; keeps 8 lanes of acc in a register across the n keys.
-  const __m256 va = _mm256_set1_ps(alpha);
-  int64_t i = 0;
-  for (; i + 8 <= d; i += 8) {
-    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc + i), va);
-    for (int64_t j = 0; j < n; ++j)
-      if (p[j] != 0.f) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), load8(v[j] + i), a);
-    _mm256_storeu_ps(acc + i, a);
-  }
-  for (; i < d; ++i) {
-    float a = acc[i] * alpha;
-    for (int64_t j = 0; j < n; ++j)
-      if (p[j] != 0.f) a += p[j] * to_float(v[j][i]);
-    acc[i] = a;
-  }
 }
 
 template <typename scalar_t>
@@ -134,7 +96,8 @@ struct WorkItem {
   int64_t cost;
 };
 
-template <typename scalar_t, bool kAvx2>
+// Prefill / extend without SIMD (machines below AVX2); attention_tile.cpp serves every other ISA.
+template <typename scalar_t>
 void attention_item(const WorkItem& it, scalar_t* out, const scalar_t* q, const scalar_t* k_cache,
                     const scalar_t* v_cache, const int32_t* block_table, int64_t q_start, int64_t q_len,
                     int64_t ctx, int64_t group, int64_t head_dim, int64_t block_size, int64_t q_tok_stride,
@@ -169,20 +132,9 @@ void attention_item(const WorkItem& it, scalar_t* out, const scalar_t* q, const 
       const int64_t jn = std::min(j1, limit[r] + 1) - j0;
       const float* qr = qbuf.data() + r * head_dim;
       float* s = scores.data();
-      int64_t j = 0;
-      if constexpr (kAvx2) {
-        for (; j + 4 <= jn; j += 4) dot4_avx2(qr, kp + j, head_dim, s + j);
-        for (; j < jn; ++j) s[j] = dot_avx2(qr, kp[j], head_dim);
-      } else {
-        for (; j < jn; ++j) s[j] = dot_scalar(qr, kp[j], head_dim);
-      }
-      for (j = 0; j < jn; ++j) s[j] *= scale;
-      const float alpha = softmax_tile<kAvx2>(&st[r], s, jn);
-      float* ar = acc.data() + r * head_dim;
-      if (kAvx2)
-        scale_add_avx2(ar, alpha, s, vp, jn, head_dim);
-      else
-        scale_add_scalar(ar, alpha, s, vp, jn, head_dim);
+      for (int64_t j = 0; j < jn; ++j) s[j] = dot_scalar(qr, kp[j], head_dim) * scale;
+      const float alpha = softmax_tile<false>(&st[r], s, jn);
+      scale_add_scalar(acc.data() + r * head_dim, alpha, s, vp, jn, head_dim);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -257,7 +209,8 @@ void decode_item(const WorkItem& it, scalar_t* out, const scalar_t* q, const sca
                  const scalar_t* v_cache, const int32_t* block_table, int64_t ctx, int64_t group, int64_t head_dim,
                  int64_t block_size, int64_t q_tok_stride, int64_t q_head_stride, int64_t out_tok_stride,
                  int64_t out_head_stride, int64_t c_block_stride, int64_t c_tok_stride, int64_t c_head_stride,
-                 float scale, std::vector<float>& qbuf, std::vector<float>& acc, std::vector<float>& scores) {
+                 float scale, bool avx512, std::vector<float>& qbuf, std::vector<float>& acc,
+                 std::vector<float>& scores) {
   const int64_t t = it.t0, h0 = it.kv_head * group, rows = it.kv_heads * group;  // row r: q head h0 + r
   SoftmaxState st[kMaxRows];
   std::vector<float> kf(head_dim);
@@ -274,7 +227,10 @@ void decode_item(const WorkItem& it, scalar_t* out, const scalar_t* q, const sca
     for (int64_t j = 0; j < jn; ++j)
       row_off[j] = (int64_t)block_table[(j0 + j) / block_size] * c_block_stride +
                    ((j0 + j) % block_size) * c_tok_stride + head_off;
-    if constexpr (kAvx2)
+    if (kAvx2 && avx512)
+      decode_qk_avx512(qbuf.data(), rows, group, head_dim, k_cache, row_off, jn, c_head_stride, scale, kf.data(),
+                       scores.data(), kKeyTile);
+    else if constexpr (kAvx2)
       decode_qk_avx2(qbuf.data(), rows, group, head_dim, k_cache, row_off, jn, c_head_stride, scale, kf.data(),
                      scores.data());
     else
@@ -285,7 +241,10 @@ void decode_item(const WorkItem& it, scalar_t* out, const scalar_t* q, const sca
       float* ar = acc.data() + r * head_dim;
       for (int64_t i = 0; i < head_dim; ++i) ar[i] *= alpha;
     }
-    if constexpr (kAvx2)
+    if (kAvx2 && avx512)
+      decode_pv_avx512(acc.data(), rows, group, head_dim, v_cache, row_off, jn, c_head_stride, scores.data(),
+                       kKeyTile);
+    else if constexpr (kAvx2)
       decode_pv_avx2(acc.data(), rows, group, head_dim, v_cache, row_off, jn, c_head_stride, scores.data());
     else
       decode_pv_scalar(acc.data(), rows, group, head_dim, v_cache, row_off, jn, c_head_stride, scores.data());
@@ -344,23 +303,33 @@ void paged_attention_impl(scalar_t* out,             // [T, Hq, D]
   std::atomic<int64_t> next{0};
   const int64_t n_items = (int64_t)items.size();
   const int64_t n_workers = std::min<int64_t>(at::get_num_threads(), n_items);
-  const bool avx2 = cpu_has_avx2();
+  const bool avx2 = cpu_has_avx2(), avx512 = cpu_isa() >= Isa::kAvx512Bf16;
+  const TileGeom geom{group, head_dim, block_size, q_tok_stride, q_head_stride, out_tok_stride, out_head_stride,
+                      c_block_stride, c_tok_stride, c_head_stride, scale};
+  static_assert(kTileMaxRows == kMaxRows, "attention_tile.cpp takes the work items made here");
   at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
     std::vector<float> qbuf(kMaxRows * head_dim), acc(kMaxRows * head_dim), scores(kMaxRows * kKeyTile);
+    std::vector<float> tile_ws(cu_seqlens && avx2 ? tile_workspace_floats(head_dim) : 0);
     for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
       const WorkItem& it = items[i];
       const int64_t b = it.seq;
       const int64_t q_start = cu_seqlens ? cu_seqlens[b] : b;
       const int64_t q_len = cu_seqlens ? cu_seqlens[b + 1] - cu_seqlens[b] : 1;
+      if (cu_seqlens && avx2) {  // prefill / extend: tiles of small GEMMs (attention_tile.cpp)
+        tile_attention_item<scalar_t>(avx512, it.t0, it.t1, it.kv_head, out, q, k_cache, v_cache,
+                                      block_tables + b * bt_stride, q_start, q_len, context_lens[b], geom,
+                                      tile_ws.data());
+        continue;
+      }
       auto run = [&](auto avx2_tag) {
         if (cu_seqlens == nullptr) {
           decode_item<scalar_t, decltype(avx2_tag)::value>(
               it, out, q, k_cache, v_cache, block_tables + b * bt_stride, context_lens[b], group, head_dim,
               block_size, q_tok_stride, q_head_stride, out_tok_stride, out_head_stride, c_block_stride, c_tok_stride,
-              c_head_stride, scale, qbuf, acc, scores);
+              c_head_stride, scale, avx512, qbuf, acc, scores);
           return;
         }
-        attention_item<scalar_t, decltype(avx2_tag)::value>(
+        attention_item<scalar_t>(
             it, out, q, k_cache, v_cache, block_tables + b * bt_stride, q_start, q_len, context_lens[b], group,
             head_dim, block_size, q_tok_stride, q_head_stride, out_tok_stride, out_head_stride, c_block_stride,
             c_tok_stride, c_head_stride, scale, qbuf, acc, scores);

@@ -70,6 +70,11 @@ class InputProcessor:
             raise ValueError("sampling_params must be a SamplingParams")
         text, ids = self.tokenize(prompt)
         self.check_fits(len(ids), params)
+        if params.logit_bias and self.vocab_size is not None:
+            bad = sorted(t for t in params.logit_bias if t >= self.vocab_size)
+            if bad:
+                raise ValueError(f"SamplingParams.logit_bias token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {self.vocab_size})")
         grammar = None
         if params.structured_outputs is not None:
             if self.structured is None:

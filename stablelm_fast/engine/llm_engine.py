@@ -18,6 +18,7 @@ import torch
 
 from stablelm_fast.config import ModelConfig, resolve_device, resolve_dtype
 from stablelm_fast.engine.block_manager import BlockManager
+from stablelm_fast.engine.draft_model import DraftModel
 from stablelm_fast.engine.executor import Executor, make_executor
 from stablelm_fast.engine.input_processor import InputProcessor, ProcessedPrompt
 from stablelm_fast.engine.kv_cache import default_num_blocks
@@ -85,20 +86,28 @@ class LLMEngine:
             raise ValueError(f"max_model_len must be in [1, {self.config.max_position_embeddings}] "
                              f"(max_position_embeddings); got {self.max_model_len}")
         self.tokenizer = Tokenizer(args.model, self.config.eos_token_id)
+        self.spec_config = SpeculativeConfig.from_dict(args.speculative_config)
+        # a draft model (speculative decoding) runs here, unsharded, with its own cache over the target's blocks;
+        # loaded first, so that a draft of another vocabulary is refused before any tensor-parallel worker starts
+        self.drafter = DraftModel(self.spec_config.model, self.config, self.tokenizer, self.max_model_len,
+                                  args.load_format, self.dtype, self.device, self.backend, args.seed) \
+            if self.spec_config is not None and self.spec_config.method == "draft_model" else None
         model_dir = None if args.load_format == "dummy" else args.model
         self.quant_config = resolve_quant_config(args.quantization, args.quantization_config, args.model,
                                                  args.load_format)
         self.executor: Executor = make_executor(self.config, model_dir, args.load_format, self.dtype, self.device,
                                                 self.backend, args.tensor_parallel_size, args.seed,
                                                 self.quant_config.to_dict() if self.quant_config else None)
+        bytes_per_block = self.executor.kv_bytes_per_block(args.block_size) + (
+            self.drafter.kv_bytes_per_block(args.block_size) if self.drafter is not None else 0)
         num_blocks = args.num_kv_blocks or default_num_blocks(
-            self.executor.kv_bytes_per_block(args.block_size), args.block_size, self.max_model_len,
-            args.max_num_seqs, self.device, args.kv_cache_memory_gb)
-        self.executor.allocate_kv_cache(num_blocks, args.block_size)
-        self.executor.enable_cuda_graphs(args.max_num_seqs, -(-self.max_model_len // args.block_size))
+            bytes_per_block, args.block_size, self.max_model_len, args.max_num_seqs, self.device,
+            args.kv_cache_memory_gb)
+        for runner in [self.executor] + ([self.drafter] if self.drafter is not None else []):
+            runner.allocate_kv_cache(num_blocks, args.block_size)
+            runner.enable_cuda_graphs(args.max_num_seqs, -(-self.max_model_len // args.block_size))
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         max_batched = args.max_num_batched_tokens or max(self.max_model_len, 2048)
-        self.spec_config = SpeculativeConfig.from_dict(args.speculative_config)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, max_batched,
                                    propose=self._propose if self.spec_config is not None else None)
         self.structured = StructuredOutputManager(self.tokenizer, self.config.vocab_size)
@@ -147,7 +156,9 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self.output_processor.finish(seq, "abort", None)
-        return self.output_processor.make_output(req)
+        out = self.output_processor.make_output(req)
+        self._record_finished(req)  # counted as finished_reason "abort" (vLLM's request_success)
+        return out
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -159,9 +170,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        step = prepare_step(batch, self.block_manager.block_size)
-        masks = self._start_masks([batch.seqs[i] for i in step.sample_seqs])
         try:
+            # a draft model fills the placeholder drafts of this batch (and writes its own cache) first
+            draft_probs = self.drafter.propose(batch, self._sampling_row) if self.drafter is not None else {}
+            step = prepare_step(batch, self.block_manager.block_size)
+            masks = self._start_masks([batch.seqs[i] for i in step.sample_seqs])
             logits = self.executor.execute(step)
         except Exception:
             # NOTE: blocks this step was writing were already published to the prefix cache; forget them all.
@@ -191,7 +204,8 @@ class LLMEngine:
                     seq = batch.seqs[step.sample_seqs[k]]
                     drafts = seq.spec_token_ids
                     rows = [self._sampling_row(seq, drafts[:j]) for j in range(n)]
-                    emitted[k] = verify(self.sampler, sample_logits[offsets[k]: offsets[k] + n], rows, drafts)
+                    emitted[k] = verify(self.sampler, sample_logits[offsets[k]: offsets[k] + n], rows, drafts,
+                                        draft_probs.get(seq.seq_id))
                     self.num_spec_proposed += len(drafts)
                     self.num_spec_accepted += len(emitted[k][0]) - 1
                     self.scheduler.on_spec_verified(seq, len(emitted[k][0]) - 1)
@@ -205,6 +219,8 @@ class LLMEngine:
                     out.append_token(req, seq, token, lp, now)
                     self.num_generation_tokens += 1
                 touched[seq.request_id] = req
+        if self.drafter is not None:
+            self.drafter.after_step(batch)
         outputs = []
         for req in touched.values():
             outputs.append(out.make_output(req))
@@ -255,17 +271,22 @@ class LLMEngine:
         return self._mask_pool.submit(compute)
 
     def _propose(self, seq: Sequence, num_running: int) -> list[int]:
-        """n-gram drafts for a decoding sequence, within max_tokens and max_model_len (none in a large batch)."""
+        """n-gram drafts for a decoding sequence, within max_tokens and max_model_len (none in a large batch). With a
+        draft model: as many placeholders as it may propose (the drafter fills them once the batch is scheduled)."""
         cfg = self.spec_config
         if cfg.disable_by_batch_size is not None and num_running > cfg.disable_by_batch_size:
             return []
         room = min(self.max_model_len - seq.num_tokens, (seq.params.max_tokens or 0) - seq.num_output_tokens) - 1
         if room < 1 or seq.matcher is not None:  # no drafts under a grammar
             return []
+        if self.drafter is not None:
+            return [0] * min(cfg.num_speculative_tokens, room)
         return ngram_propose(seq.token_ids, min(cfg.num_speculative_tokens, room), cfg.prompt_lookup_min,
                              cfg.prompt_lookup_max)
 
     def shutdown(self) -> None:
         if self._mask_pool is not None:
             self._mask_pool.shutdown(wait=False)
+        if self.drafter is not None:
+            self.drafter.shutdown()
         self.executor.shutdown()

@@ -1,7 +1,8 @@
 """OutputProcessor: what happens to a sampled token. Detokenize, check stops and limits, finish, build outputs.
 
 The engine loop hands it each sequence's new token; it owns the stop rules (eos, stop_token_ids, stop strings with
-the text cut before them, max_tokens, max_model_len, min_tokens), the final text, and RequestOutput construction.
+the text cut before them, or after them with include_stop_str_in_output; max_tokens, max_model_len, min_tokens), the
+final text, and RequestOutput construction.
 """
 
 from __future__ import annotations
@@ -51,14 +52,14 @@ class OutputProcessor:
             if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
                 return self.finish(seq, "stop", token, strip_token=True)
             if p.stop_token_ids and token in p.stop_token_ids:
-                return self.finish(seq, "stop", token, strip_token=True)
+                return self.finish(seq, "stop", token, strip_token=not p.include_stop_str_in_output)
             if p.stop_strings:
                 # only the tail can hold a new match: the new text and the longest stop string before it
                 start = max(0, prev_len - max(len(s) for s in p.stop_strings))
                 for stop in p.stop_strings:
                     at = seq.text.find(stop, start)
                     if at != -1:
-                        seq.text = seq.text[:at]
+                        seq.text = seq.text[:at + len(stop) if p.include_stop_str_in_output else at]
                         return self.finish(seq, "stop", stop)
         if seq.matcher is not None and seq.matcher.is_terminated():  # the constraint is complete
             return self.finish(seq, "stop", token, strip_token=token in self.tokenizer.eos_token_ids)

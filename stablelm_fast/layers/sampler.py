@@ -1,7 +1,8 @@
 """Batched sampling on the device: penalties, temperature, top-k, top-p, min-p, greedy, seeded sampling, logprobs.
 
-Order (as vLLM): min_tokens masking and penalties on the raw logits, then temperature, then top-k / top-p / min-p
-filters, then sampling. Logprobs are the model's own log-softmax (before any processing), as vLLM returns them.
+Order (as vLLM): the structured-outputs mask, min_tokens masking, logit_bias and penalties on the raw logits, then
+temperature, then top-k / top-p / min-p filters, then sampling. Logprobs are the model's own log-softmax (before any
+processing), as vLLM returns them.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class Sampler:
 
     @staticmethod
     def process(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """The logits every later step reads: min_tokens bans and penalties applied (a copy)."""
+        """The logits every later step reads: grammar mask, min_tokens bans, logit_bias and penalties (a copy)."""
         logits = logits.clone()
         for i, r in enumerate(rows):
             if r.allowed is not None:
@@ -84,6 +85,9 @@ class Sampler:
                 logits[i, r.banned_token_ids] = float("-inf")
                 if r.allowed is not None and not bool(torch.isfinite(logits[i]).any()):
                     logits[i, r.banned_token_ids] = kept  # the grammar allows only a stop: it wins over min_tokens
+            if r.params.logit_bias:
+                bias = r.params.logit_bias
+                logits[i, list(bias)] += torch.tensor(list(bias.values()), device=logits.device)
         if any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
                for r in rows):
             apply_penalties(logits, rows)

@@ -106,7 +106,8 @@ async def read_json(request: Request, model: type[M], max_body_bytes: int) -> M:
 
 def create_app(engine: EngineClient, served_model_name: str | list[str] | None = None,
                api_key: str | list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_pending_seqs: int | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
+               max_pending_seqs: int | None = None, allowed_origins: list[str] | None = None,
+               request_timeout: float | None = None) -> FastAPI:
     """An ASGI app serving `engine` (an AsyncLLM) with the OpenAI API; mount it in another app or run it as is.
 
     served_model_name: the name(s) requests must use in `model` (default: the model path the engine was made with);
@@ -114,7 +115,9 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
     (/health and /version do not); max_body_bytes: larger bodies get 413; max_pending_seqs: the most sequences
     (prompts x n) this app's requests may hold in the engine at once, running or waiting (e.g. max_num_seqs plus a
     queue allowance); past it a request gets 503 with Retry-After. None: no limit. allowed_origins: browser origins
-    allowed to call the API (CORS; ["*"]: any); None: no CORS headers, as before.
+    allowed to call the API (CORS; ["*"]: any); None: no CORS headers, as before. request_timeout: seconds after
+    which a request still running is aborted in the engine (its KV cache freed) and answered 504 (streamed: an error
+    event); a request may ask for a shorter deadline with its `request_timeout` field. None: no deadline.
     """
     api_keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
     if any(not isinstance(k, str) or not k for k in api_keys):
@@ -128,7 +131,9 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
         names = list(served_model_name)
     if max_pending_seqs is not None and max_pending_seqs < 1:
         raise ValueError(f"max_pending_seqs must be >= 1 (or None: no limit); got {max_pending_seqs}")
-    ctx = ServingContext(engine, names, model_path, max_pending_seqs)
+    if request_timeout is not None and not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0 seconds (or None: no deadline); got {request_timeout}")
+    ctx = ServingContext(engine, names, model_path, max_pending_seqs, request_timeout)
     serving_completion, serving_chat = ServingCompletion(ctx), ServingChat(ctx)
     serving_tokenization = ServingTokenization(ctx)
 

@@ -16,7 +16,8 @@ from stablelm_fast.engine.exceptions import EngineDeadError
 logger = logging.getLogger("stablelm_fast.server")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               413: "request_too_large", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+               413: "request_too_large", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable",
+               504: "timeout_error"}
 
 
 class APIError(Exception):
@@ -55,7 +56,10 @@ def value_error(e: ValueError, default_param: str | None = None) -> APIError:
 
 
 def engine_error(e: BaseException) -> APIError:
-    """What an engine request failed with -> the answer: 400 (bad input), 503 (engine dead) or 500."""
+    """What an engine request failed with -> the answer: 400 (bad input), 503 (engine dead) or 500 (an APIError, e.g.
+    a deadline's 504, as it is)."""
+    if isinstance(e, APIError):
+        return e
     if isinstance(e, ValueError):
         return value_error(e, "prompt")
     if isinstance(e, EngineDeadError):

@@ -23,7 +23,7 @@ Int64 = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]
 # vLLM / OpenAI fields we do not support yet -> the values that mean "not used" (anything else: 400 naming the field)
 _UNSUPPORTED_COMMON: dict[str, tuple] = {
     "logits_processors": (None,),
-    "include_stop_str_in_output": (None, False), "prompt_logprobs": (None,), "allowed_token_ids": (None,),
+    "prompt_logprobs": (None,), "allowed_token_ids": (None,),
     "bad_words": (None, []), "use_beam_search": (None, False), "truncate_prompt_tokens": (None,),
     "return_tokens_as_token_ids": (None, False), "spaces_between_special_tokens": (None, True),
 }
@@ -78,6 +78,9 @@ class _SamplingFields(_Request):
     stop_token_ids: list[Int64] | None = None
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # ours: seconds after which the request is aborted (504); the server's --request-timeout caps it
+    request_timeout: float | None = Field(None, gt=0)
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None

@@ -17,17 +17,19 @@ _OPTIONAL_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetiti
 
 class ServingContext:
     def __init__(self, engine: EngineClient, names: list[str], model_path: str,
-                 max_pending_seqs: int | None = None) -> None:
+                 max_pending_seqs: int | None = None, request_timeout: float | None = None) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = int(engine.max_model_len)
         self.names, self.model_path = names, model_path
         self.max_pending_seqs = max_pending_seqs
+        self.request_timeout = request_timeout  # seconds; a request's own request_timeout may only shorten it
         self.pending_seqs = 0  # sequences of this app's requests now in the engine (running or waiting)
 
-    def start(self, jobs: list[tuple[ProcessedPrompt, SamplingParams, str]]) -> Fanin:
+    def start(self, jobs: list[tuple[ProcessedPrompt, SamplingParams, str]], timeout: float | None = None) -> Fanin:
         """Admit a request's engine requests and start them. Past max_pending_seqs: 503 with Retry-After (a request
-        that could never fit: 400), so that a flood is turned away at once instead of queueing without bound."""
+        that could never fit: 400), so that a flood is turned away at once instead of queueing without bound.
+        timeout: the request's own deadline in seconds (the server's request_timeout, if shorter, wins)."""
         num_seqs = sum(params.n for _, params, _ in jobs)
         cap = self.max_pending_seqs
         if cap is not None and num_seqs > cap:
@@ -41,7 +43,8 @@ class ServingContext:
         def release() -> None:
             self.pending_seqs -= num_seqs
 
-        return Fanin(self.engine, jobs, on_close=release)
+        limits = [t for t in (timeout, self.request_timeout) if t is not None]
+        return Fanin(self.engine, jobs, on_close=release, timeout=min(limits) if limits else None)
 
     def begin(self, name: str | None) -> str:
         """Every generation request starts here: -> the served model name it asked for (404 / 503 if it cannot)."""
@@ -63,9 +66,9 @@ class ServingContext:
 
     def make_params(self, req: Any, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """A request's sampling fields -> SamplingParams; 400 naming the field SamplingParams refuses."""
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported", "logit_bias")
-        kwargs: dict[str, Any] = dict(n=req.n, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
+        kwargs: dict[str, Any] = dict(logit_bias=logit_bias_of(req.logit_bias),
+                                      include_stop_str_in_output=req.include_stop_str_in_output,
+                                      n=req.n, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
                                       stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
                                       min_tokens=req.min_tokens, logprobs=logprobs,
                                       skip_special_tokens=req.skip_special_tokens)
@@ -85,7 +88,7 @@ class ServingContext:
         try:
             return self.engine.input_processor.process(raw, params)
         except ValueError as e:
-            raise APIError(400, str(e), param) from None
+            raise value_error(e, param) from None
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -115,6 +118,20 @@ def chunk_body(obj_type: str, rid: str, created: int, model: str, choices: list,
     if include_usage:
         body["usage"] = usage_
     return body
+
+
+def logit_bias_of(raw: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias (JSON keys are strings: token ids) -> {token id: bias}; 400 for a key that is no id.
+    Ranges (bias in [-100, 100], ids in the vocabulary) are checked by SamplingParams and the input processor."""
+    if not raw:
+        return None
+    out = {}
+    for key, bias in raw.items():
+        try:
+            out[int(key)] = bias
+        except ValueError:
+            raise APIError(400, f"logit_bias keys must be token ids (integers); got {key!r}", "logit_bias") from None
+    return out
 
 
 def structured_outputs_of(req: Any) -> StructuredOutputsParams | None:

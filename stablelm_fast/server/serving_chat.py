@@ -72,15 +72,17 @@ class ServingChat(Endpoint):
             if params.structured_outputs is not None:
                 raise APIError(400, "tool_choice 'required' or a named function cannot be combined with another "
                                     "structured-output constraint", "tool_choice")
-            schema = tc.forced_calls_schema(tools, single=isinstance(req.tool_choice, dict))
+            # one call for a named function, or when parallel_tool_calls is false (OpenAI: at most one call)
+            single = isinstance(req.tool_choice, dict) or req.parallel_tool_calls is False
+            schema = tc.forced_calls_schema(tools, single=single)
             params = dataclasses.replace(params, structured_outputs={"json": schema})
         ids = ctx.tokenizer.encode(text, add_special_tokens=False)
         inp = dataclasses.replace(ctx.prepare_prompt(ids, params, "messages"), prompt=text)
         rid, created = random_id("chatcmpl"), now()
-        fanin = ctx.start([(inp, inp.params, rid)])
-        parse_tools = bool(tools)
+        fanin = ctx.start([(inp, inp.params, rid)], req.request_timeout)
+        tool_names = {(t.get("function") or {}).get("name") for t in tools} if tools else None
         if not req.stream:
-            return await self._whole(req, model, rid, created, len(ids), parse_tools, fanin, receive)
+            return await self._whole(req, model, rid, created, len(ids), tool_names, fanin, receive)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         completion_tokens: dict[int, int] = {}
 
@@ -90,11 +92,11 @@ class ServingChat(Endpoint):
             return [sse(chunk_body("chat.completion.chunk", rid, created, model, [],
                                    usage(len(ids), sum(completion_tokens.values())), True))]
 
-        chunks = self._chunks(req, model, rid, created, parse_tools, fanin, include_usage, completion_tokens)
+        chunks = self._chunks(req, model, rid, created, tool_names, fanin, include_usage, completion_tokens)
         return SSEResponse(sse_events(chunks, tail), fanin.close)
 
     async def _whole(self, req: ChatCompletionRequest, model: str, rid: str, created: int, prompt_tokens: int,
-                     parse_tools: bool, fanin: Fanin, receive: Receive) -> Response:
+                     tool_names: set[str] | None, fanin: Fanin, receive: Receive) -> Response:
         finals = await collect(fanin, receive, 1)
         if finals is None:
             return Response(status_code=499)
@@ -103,9 +105,9 @@ class ServingChat(Endpoint):
         for c in out.outputs:
             message: dict[str, Any] = {"role": "assistant", "content": c.text}
             reason = finish_reason(c.finish_reason)
-            calls = tc.parse_tool_calls(c.text) if parse_tools else None
-            if calls:
-                message = {"role": "assistant", "content": None, "tool_calls": calls}
+            content, calls = tc.parse_reply(c.text, tool_names) if tool_names is not None else (c.text, None)
+            if calls:  # text before (or after) the calls is kept as content
+                message = {"role": "assistant", "content": content if content.strip() else None, "tool_calls": calls}
                 reason = "tool_calls"
             lp = self._logprobs(c.token_ids, c.logprobs or [], req.top_logprobs or 0) if req.logprobs else None
             choices.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": reason})
@@ -113,9 +115,11 @@ class ServingChat(Endpoint):
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
                              "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
 
-    async def _chunks(self, req: ChatCompletionRequest, model: str, rid: str, created: int, parse_tools: bool,
-                      fanin: Fanin, include_usage: bool, completion_tokens: dict[int, int]) -> AsyncIterator[str]:
-        """A role chunk first, then content deltas (held back while they may be a tool call), then the finish."""
+    async def _chunks(self, req: ChatCompletionRequest, model: str, rid: str, created: int,
+                      tool_names: set[str] | None, fanin: Fanin, include_usage: bool,
+                      completion_tokens: dict[int, int]) -> AsyncIterator[str]:
+        """A role chunk first, then content deltas and tool-call deltas (a call's id, type and name, then fragments
+        of its arguments; text that may begin a call is held back until it is known), then the finish."""
         top = req.top_logprobs or 0
         parsers: dict[int, tc.StreamingToolParser] = {}
         sent_text: dict[int, int] = {}
@@ -131,7 +135,7 @@ class ServingChat(Endpoint):
                 if i not in sent_text:
                     sent_text[i] = 0
                     sent_lps[i] = 0
-                    parsers[i] = tc.StreamingToolParser()
+                    parsers[i] = tc.StreamingToolParser(tool_names)
                     yield chunk(i, {"role": "assistant", "content": ""})
                 prev = sent_text[i]
                 delta = c.text[prev:] if len(c.text) > prev else ""
@@ -141,21 +145,19 @@ class ServingChat(Endpoint):
                 if req.logprobs:
                     lp = self._logprobs(c.token_ids[sent_lps[i]:], (c.logprobs or [])[sent_lps[i]:], top)
                     sent_lps[i] = len(c.logprobs or [])
-                if parse_tools:
-                    delta = parsers[i].feed(delta)
                 reason = finish_reason(c.finish_reason)
-                calls = None
-                if reason is not None and parse_tools:
-                    rest, calls = parsers[i].finish()
-                    delta += rest
+                call_deltas, complete = [], False
+                if tool_names is not None:
+                    delta, call_deltas = parsers[i].feed(delta)
+                    if reason is not None:
+                        rest, last, complete = parsers[i].finish()
+                        delta, call_deltas = delta + rest, call_deltas + last
                 if delta or (lp and lp["content"]):
                     yield chunk(i, {"content": delta}, lp)
-                if reason is None:
-                    continue
-                if calls:
-                    yield chunk(i, {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]})
-                    reason = "tool_calls"
-                yield chunk(i, {}, None, reason)
+                for d in call_deltas:
+                    yield chunk(i, {"tool_calls": [d]})
+                if reason is not None:
+                    yield chunk(i, {}, None, "tool_calls" if complete else reason)
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]], top: int) -> dict:
         """OpenAI's chat logprobs: per token its text, logprob, bytes and the `top` alternatives."""

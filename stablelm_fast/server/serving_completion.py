@@ -41,7 +41,7 @@ class ServingCompletion(Endpoint):
         inputs = [ctx.prepare_prompt(p, params, "prompt") for p in prompts]
         rid, created = random_id("cmpl"), now()
         jobs = [(inp, inp.params, f"{rid}-{i}") for i, inp in enumerate(inputs)]
-        fanin = ctx.start(jobs)
+        fanin = ctx.start(jobs, req.request_timeout)
         if not req.stream:
             return await self._whole(req, model, rid, created, inputs, fanin, receive)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi.responses import StreamingResponse
@@ -19,7 +20,7 @@ from stablelm_fast.engine.input_processor import ProcessedPrompt
 from stablelm_fast.outputs import RequestOutput
 from stablelm_fast.sampling_params import SamplingParams
 from stablelm_fast.server.engine_client import EngineClient
-from stablelm_fast.server.errors import engine_error
+from stablelm_fast.server.errors import APIError, engine_error
 
 logger = logging.getLogger("stablelm_fast.server")
 
@@ -30,12 +31,15 @@ Receive = Callable[[], Awaitable[dict]]
 
 
 class Fanin:
-    """Runs several engine requests concurrently; iterate for (index, RequestOutput) in arrival order."""
+    """Runs several engine requests concurrently; iterate for (index, RequestOutput) in arrival order. With a
+    timeout (seconds from now), iterating past it raises a 504 APIError; closing then aborts the engine requests."""
 
     def __init__(self, engine: EngineClient, jobs: list[tuple[ProcessedPrompt, SamplingParams, str]],
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None, timeout: float | None = None) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending = len(jobs)
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
         self.on_close = on_close  # called once, by the first close()
         self.tasks = [asyncio.create_task(self._run(i, engine, *job)) for i, job in enumerate(jobs)]
 
@@ -53,7 +57,14 @@ class Fanin:
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         while self.pending:
-            index, item = await self.queue.get()
+            if self.deadline is None:
+                index, item = await self.queue.get()
+            else:
+                try:
+                    index, item = await asyncio.wait_for(self.queue.get(), max(0.0, self.deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise APIError(504, f"The request did not finish within its deadline ({self.timeout:g} s) and "
+                                        f"was aborted.", "request_timeout") from None
             if item is _DONE:
                 self.pending -= 1
             elif isinstance(item, BaseException):

@@ -1,0 +1,45 @@
+// Prefill / extend attention of one work item computed tile by tile as small GEMMs (csrc/cpu/attention_tile.cpp):
+// the item's q rows (tokens x the q heads of one kv head) against tiles of kKeys keys, S = Q K^T and O += P V with
+// register-blocked AVX-512 or AVX2 micro-kernels on fp32 copies of the tile, online softmax between them.
+#pragma once
+
+#include <cstdint>
+
+namespace slf::cpu {
+
+struct TileGeom {
+  int64_t group, head_dim, block_size;
+  int64_t q_tok_stride, q_head_stride, out_tok_stride, out_head_stride;
+  int64_t c_block_stride, c_tok_stride, c_head_stride;
+  float scale;
+};
+
+constexpr int64_t kTileKeys = 32;
+constexpr int64_t kTileMaxRows = 64;
+
+// fp32 elements of one thread's workspace for head size d.
+int64_t tile_workspace_floats(int64_t head_dim);
+
+// Rows r of the item: token t0 + r / group, q head kv_head * group + r % group; row r attends keys
+// 0 .. ctx - q_len + (t - q_start). avx512: use the 16-lane kernels (else the 8-lane AVX2 ones).
+template <typename scalar_t>
+void tile_attention_item(bool avx512, int64_t t0, int64_t t1, int64_t kv_head, scalar_t* out, const scalar_t* q,
+                         const scalar_t* k_cache, const scalar_t* v_cache, const int32_t* block_table,
+                         int64_t q_start, int64_t q_len, int64_t ctx, const TileGeom& g, float* workspace);
+
+}  // namespace slf::cpu
+
+namespace slf::cpu {
+
+// Decode tiles with 16-lane AVX-512 (csrc/cpu/attention_decode512.cpp; attention.cpp has the AVX2 / scalar ones):
+// scores[r * ld + j] = q_r . k_j * scale and acc[r] += scores[r * ld + j] * v_j for the jn keys at cache offsets
+// off[j] (first kv head of the item); row r reads kv head r / group.
+template <typename scalar_t>
+void decode_qk_avx512(const float* qbuf, int64_t rows, int64_t group, int64_t d, const scalar_t* k_cache,
+                      const int64_t* off, int64_t jn, int64_t c_head_stride, float scale, float* kf, float* scores,
+                      int64_t ld);
+template <typename scalar_t>
+void decode_pv_avx512(float* acc, int64_t rows, int64_t group, int64_t d, const scalar_t* v_cache,
+                      const int64_t* off, int64_t jn, int64_t c_head_stride, const float* scores, int64_t ld);
+
+}  // namespace slf::cpu
