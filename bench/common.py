@@ -141,6 +141,33 @@ def decode_weight_bytes(model_dir: str, dtype: torch.dtype = torch.bfloat16) -> 
     return total
 
 
+def quantized_decode_weight_bytes(model_dir: str, quantization: str, quantization_config: str | None = None) -> int:
+    """decode_weight_bytes with the linear layers in LLM(quantization=...)'s form: int8 1 byte, int4 half a byte
+    per weight, plus fp32 scales (and uint8 zero points) per group; lm_head and embeddings in bf16."""
+    from stablelm_fast.quantization import resolve_quant_config
+
+    q = resolve_quant_config(quantization, json.loads(quantization_config) if quantization_config else None,
+                             model_dir)
+    cfg = load_config(model_dir)
+    total = decode_weight_bytes(model_dir)
+    for name, nbytes in checkpoint_tensor_bytes(model_dir).items():
+        if name.endswith("_proj.weight") or (q.lm_head and name == "lm_head.weight"):
+            numel = nbytes // _ckpt_itemsize(cfg)
+            k = cfg["intermediate_size"] if "down_proj" in name else cfg["hidden_size"]
+            groups = numel // q.group_for(k)
+            total += int(numel * q.bits / 8) + groups * (4 + (0 if q.sym else 1)) - numel * 2
+    return total
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (VmRSS)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _ckpt_itemsize(cfg: dict) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.get("torch_dtype", "float32"), 4)
 

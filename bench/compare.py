@@ -4,6 +4,11 @@
     python bench/compare.py --no-install        # do not try `pip install llama-cpp-python` when it is missing
     python bench/compare.py --quick             # short lengths, to check that it runs
 
+Quantized rows: ours with LLM(quantization='int8' / 'int4') against llama.cpp Q8_0 / Q4_0 files made from the same
+bf16 GGUF by llama.cpp's own quantizer (bench/gguf_quantize.py); llama.cpp's quantized rows get their prompts one
+token per eval (llama-cpp-python 0.3.36 segfaults on multi-token evals of Q8_0 / Q4_0 on AMX machines), so their
+prefill figures are sequential ones. Every row also reports the engine process's resident memory after load (RSS).
+
 Measures, each engine in a fresh subprocess run one after another (no memory or thread interference; threads =
 cores): batch-1 decode tokens/s and 128-token prefill tokens/s (bench/latency.py), and throughput of 32 requests of
 128 in / 64 out (bench/throughput.py; llama.cpp: batch-1 figures only). Prints a table with ratios vs HF and vs
@@ -28,11 +33,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402
 
-TARGETS = {  # the issue's targets: (metric, baseline, minimum ratio)
-    "decode vs llama.cpp": ("decode_tok_s", "llama.cpp", 0.95),
-    "prefill vs HF": ("prefill_tok_s", "hf", 1.25),
-    "throughput vs HF": ("throughput_tok_s", "hf", 2.0),
+TARGETS = {  # the issues' targets: (metric, baseline, minimum ratio, our row)
+    "decode vs llama.cpp": ("decode_tok_s", "llama.cpp", 0.95, "ours"),
+    "prefill vs HF": ("prefill_tok_s", "hf", 1.25, "ours"),
+    "throughput vs HF": ("throughput_tok_s", "hf", 2.0, "ours"),
+    "int8 decode vs Q8_0": ("decode_tok_s", "llama.cpp-Q8_0", 1.0, "ours-int8"),
+    "int4 decode vs Q4_0": ("decode_tok_s", "llama.cpp-Q4_0", 1.0, "ours-int4"),
 }
+ALL_ENGINES = "ours,hf,llama.cpp,ours-int8,ours-int4,llama.cpp-Q8_0,llama.cpp-Q4_0"
+PAIRS = [("ours", "hf"), ("ours", "llama.cpp"), ("ours-int8", "llama.cpp-Q8_0"), ("ours-int4", "llama.cpp-Q4_0")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp-prompts", type=int, default=32)
     p.add_argument("--tp-input-len", type=int, default=128)
     p.add_argument("--tp-output-len", type=int, default=64)
-    p.add_argument("--engines", default="ours,hf,llama.cpp", help="comma-separated subset of ours,hf,llama.cpp")
+    p.add_argument("--engines", default=ALL_ENGINES, help=f"comma-separated subset of {ALL_ENGINES}")
     p.add_argument("--no-install", action="store_true", help="never pip-install llama-cpp-python")
     p.add_argument("--quick", action="store_true", help="tiny lengths: check that everything runs")
     p.add_argument("--out-dir", default=common.RESULTS_DIR)
@@ -156,18 +165,22 @@ def main(argv: list[str] | None = None) -> None:
     bw = limits.get("read_gbps")
 
     llama_note = None
-    gguf_path = None
-    if "llama.cpp" in engines:
+    ggufs: dict[str, str] = {}  # "bf16" / "Q8_0" / "Q4_0" -> file
+    if any(e.startswith("llama.cpp") for e in engines):
         ok, llama_note = ensure_llama_cpp(args.no_install)
         print(f"[compare] {llama_note}", flush=True)
         if ok:
             from gguf_convert import default_out
-            gguf_path = default_out(model, "bf16")
-            if py("gguf_convert.py", "--model", model, "--out", gguf_path, "--check") != 0:
-                llama_note, gguf_path = "GGUF conversion or llama.cpp load failed: llama.cpp skipped", None
+            ggufs["bf16"] = default_out(model, "bf16")
+            if py("gguf_convert.py", "--model", model, "--out", ggufs["bf16"], "--check") != 0:
+                llama_note, ggufs = "GGUF conversion or llama.cpp load failed: llama.cpp skipped", {}
                 print(f"[compare] {llama_note}")
-        if gguf_path is None:
-            engines.remove("llama.cpp")
+            for kind in ("Q8_0", "Q4_0"):
+                out = default_out(model, kind)
+                if f"llama.cpp-{kind}" in engines and ggufs and \
+                        py("gguf_quantize.py", ggufs["bf16"], out, "--type", kind) == 0:
+                    ggufs[kind] = out
+        engines = [e for e in engines if not e.startswith("llama.cpp") or ggufs.get(e.partition("-")[2] or "bf16")]
 
     hf_dtype, hf_probe = args.hf_dtype, None
     if hf_dtype == "auto" and "hf" in engines:
@@ -178,11 +191,17 @@ def main(argv: list[str] | None = None) -> None:
                "--input-len", str(args.tp_input_len), "--output-len", str(args.tp_output_len)]
     results: dict[str, dict] = {}
     for eng in engines:
-        backend = {"ours": args.backend, "hf": "hf", "llama.cpp": "llama.cpp"}[eng]
+        kind = eng.partition("-")[2]  # int8 / int4 / Q8_0 / Q4_0, "" for the unquantized rows
+        backend = "hf" if eng == "hf" else "llama.cpp" if eng.startswith("llama.cpp") else args.backend
         extra = ["--dtype", hf_dtype if eng == "hf" else args.dtype]
-        extra += ["--gguf", gguf_path] if eng == "llama.cpp" else []
-        lat = run_json("latency.py", "--backend", backend, *lat_args, *extra)
-        tp = run_json("throughput.py", "--backend", backend, *tp_args, *extra) if eng != "llama.cpp" else None
+        if backend == "llama.cpp":
+            extra += ["--gguf", ggufs[kind or "bf16"]] + (["--one-token-evals"] if kind else [])
+        lat = run_json("latency.py", "--backend", backend, *lat_args, *extra,
+                       *(["--quantization", kind] if eng.startswith("ours-") else []))
+        tp = None
+        if backend != "llama.cpp":
+            tp = run_json("throughput.py", "--backend", backend, *tp_args, *extra,
+                          *(["--quantization", kind] if eng.startswith("ours-") else []))
         results[eng] = {"latency": lat, "throughput": tp}
 
     rows = {}
@@ -192,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                      "decode_tok_s": lat.get("decode_tok_s"), "prefill_tok_s": lat.get("prefill_tok_s"),
                      "ttft_ms": lat["ttft_s"] * 1e3 if lat.get("ttft_s") else None,
                      "throughput_tok_s": tp.get("output_tok_s"), "weight_gbps": lat.get("decode_weight_gbps"),
+                     "rss_gb": lat["rss_after_load_bytes"] / 1e9 if lat.get("rss_after_load_bytes") else None,
                      "bw_pct": 100 * lat["decode_weight_gbps"] / bw if bw and lat.get("decode_weight_gbps") else None}
 
     metrics = ["decode_tok_s", "prefill_tok_s", "throughput_tok_s"]
@@ -207,20 +227,19 @@ def main(argv: list[str] | None = None) -> None:
     for eng, row in rows.items():
         table.append([row["name"], row["decode_tok_s"], row["prefill_tok_s"], row["ttft_ms"],
                       row["throughput_tok_s"], row["weight_gbps"],
-                      None if row["bw_pct"] is None else f"{row['bw_pct']:.0f}%"])
+                      None if row["bw_pct"] is None else f"{row['bw_pct']:.0f}%", row["rss_gb"]])
     common.print_table(table, ["engine", "decode tok/s (bs1)", f"prefill tok/s ({args.input_len})", "TTFT ms",
                                f"throughput out tok/s ({args.tp_prompts}x{args.tp_input_len}/{args.tp_output_len})",
-                               "weights GB/s", "% of bw"])
-    ours = rows.get("ours", {})
+                               "weights GB/s", "% of bw", "RSS after load GB"])
     ratios = {}
-    for base in ("hf", "llama.cpp"):
-        if base in rows and ours:
-            ratios[base] = {m: ratio(ours.get(m), rows[base].get(m)) for m in metrics}
-            print(f"ours / {base}: " + ", ".join(f"{m.replace('_tok_s', '')} {v:.2f}x" if v else f"{m} n/a"
-                                                 for m, v in ratios[base].items()))
+    for mine, base in PAIRS:
+        if base in rows and mine in rows:
+            ratios[base] = {m: ratio(rows[mine].get(m), rows[base].get(m)) for m in metrics}
+            print(f"{mine} / {base}: " + ", ".join(f"{m.replace('_tok_s', '')} {v:.2f}x" if v else f"{m} n/a"
+                                                   for m, v in ratios[base].items()))
     verdicts = {}
     print("targets:")
-    for label, (metric, base, need) in TARGETS.items():
+    for label, (metric, base, need, _mine) in TARGETS.items():
         got = ratios.get(base, {}).get(metric)
         verdicts[label] = {"ratio": got, "target": need,
                            "met": None if got is None else got >= need}

@@ -15,6 +15,7 @@ Achieved bandwidth = bytes of weights one decode step reads (every matrix once, 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -41,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra prefill-only iterations (max_tokens=1) on top of --num-iters (default: 2)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--gguf", default=None, help="llama.cpp: the GGUF file (bench/gguf_convert.py makes it)")
+    p.add_argument("--one-token-evals", action="store_true",
+                   help="llama.cpp: feed the prompt one token per eval (llama-cpp-python 0.3.36 segfaults on "
+                        "multi-token evals of Q8_0 / Q4_0 files on AMX machines); prefill figures then are sequential")
+    p.add_argument("--quantization", default=None, help="ours: LLM(quantization=...), e.g. int8 / int4")
+    p.add_argument("--quantization-config", default=None, help="ours: LLM(quantization_config=JSON)")
     p.add_argument("--no-bandwidth", action="store_true", help="do not measure/load the machine's bandwidth")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
@@ -55,10 +61,13 @@ class Ours:
         from stablelm_fast import LLM, SamplingParams
         self.SamplingParams = SamplingParams
         max_len = args.input_len + args.output_len + 16
+        qconfig = json.loads(args.quantization_config) if args.quantization_config else None
         self.llm = LLM(args.model, dtype=args.dtype, backend=args.backend, load_format=args.load_format,
                        max_model_len=max_len, enable_prefix_caching=False, max_num_seqs=1,
-                       num_kv_blocks=-(-max_len // 16) + 2)
-        self.name = f"stablelm-fast ({self.llm.engine.backend})"
+                       num_kv_blocks=-(-max_len // 16) + 2, quantization=args.quantization,
+                       quantization_config=qconfig)
+        quant = f", {args.quantization}" if args.quantization else ""
+        self.name = f"stablelm-fast ({self.llm.engine.backend}{quant})"
 
     def run(self, prompt: list[int], max_tokens: int) -> tuple[float, list[float]]:
         eng = self.llm.engine
@@ -114,7 +123,8 @@ class LlamaCpp:
         self.llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=args.input_len + args.output_len + 16,
                                    n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
         self.n_vocab = self.llm.n_vocab()
-        self.name = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
+        self.one_token = args.one_token_evals
+        self.name = f"llama.cpp (llama-cpp-python {llama_cpp.__version__}, {os.path.basename(args.gguf)})"
 
     def _next(self) -> int:
         # greedy on the last token's logits (as the engines above: argmax, no sampler overhead). With
@@ -125,7 +135,8 @@ class LlamaCpp:
         self.llm.reset()
         self.llm._ctx.memory_clear(True) if hasattr(self.llm._ctx, "memory_clear") else None
         t0 = time.perf_counter()
-        self.llm.eval(prompt)
+        for chunk in ([[t] for t in prompt] if self.one_token else [prompt]):
+            self.llm.eval(chunk)
         tok = self._next()
         prefill = time.perf_counter() - t0
         times = []
@@ -150,6 +161,7 @@ def run(args: argparse.Namespace) -> dict:
     threads = common.set_threads(args.threads)
     limits = None if args.no_bandwidth else common.limits_cached()
     engine = make_engine(args)
+    rss_after_load = common.rss_bytes()
     n_prompts = args.num_iters_warmup + args.num_iters + (2 if args.prefill_iters is None else args.prefill_iters)
     prompts = common.random_prompts(args.model, n_prompts, args.input_len, seed=1234)
     for i in range(args.num_iters_warmup):
@@ -168,7 +180,13 @@ def run(args: argparse.Namespace) -> dict:
     ttft = common.median(prefills)
     step = common.median(steps_all) if steps_all else float("nan")
     import torch
-    weight_bytes = common.decode_weight_bytes(args.model, getattr(torch, args.dtype))
+    if args.backend == "llama.cpp":
+        from gguf_quantize import gguf_decode_bytes
+        weight_bytes = gguf_decode_bytes(args.gguf)
+    elif args.quantization:
+        weight_bytes = common.quantized_decode_weight_bytes(args.model, args.quantization, args.quantization_config)
+    else:
+        weight_bytes = common.decode_weight_bytes(args.model, getattr(torch, args.dtype))
     res = {
         "engine": engine.name, "backend": args.backend, "model": args.model, "dtype": args.dtype,
         "input_len": args.input_len, "output_len": args.output_len, "threads": threads,
@@ -180,6 +198,8 @@ def run(args: argparse.Namespace) -> dict:
         "decode_tok_s_per_iter": [1.0 / s for s in step_medians],
         "decode_weight_bytes": weight_bytes,
         "decode_weight_gbps": weight_bytes / step / 1e9,
+        "rss_after_load_bytes": rss_after_load, "quantization": args.quantization,
+        "one_token_evals": args.one_token_evals,
         "machine": common.machine_info(),
     }
     if limits:

@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-batch-size", type=int, default=None, help="HF: requests per generate() (default: all)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantization", default=None, help="ours: LLM(quantization=...), e.g. int8 / int4")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     args.model = args.model or args.model_pos
@@ -75,7 +76,7 @@ def run_ours(args: argparse.Namespace, reqs: list[tuple[list[int], int]]) -> tup
     llm = LLM(args.model, dtype=args.dtype, backend=args.backend, load_format=args.load_format,
               max_model_len=max_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=not args.no_prefix_caching)
+              enable_prefix_caching=not args.no_prefix_caching, quantization=args.quantization)
     # warm-up: a couple of short requests (first-call allocations, thread pools)
     warm = common.random_prompts(args.model, 2, 16, seed=99999)
     llm.generate([{"prompt_token_ids": p} for p in warm], SamplingParams(temperature=0.0, max_tokens=4))

@@ -18,7 +18,8 @@ from typing import Any
 
 ENGINE_FLAGS = ("dtype", "device", "tensor_parallel_size", "load_format", "max_model_len", "block_size",
                 "num_kv_blocks", "kv_cache_memory_gb", "enable_prefix_caching", "max_num_seqs",
-                "max_num_batched_tokens", "backend", "seed", "speculative_config")
+                "max_num_batched_tokens", "backend", "seed", "speculative_config", "quantization",
+                "quantization_config")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -52,6 +53,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-config", type=_json_dict, default=None, metavar="JSON",
                    help='speculative decoding, vLLM\'s spelling, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (default: off)')
+    g.add_argument("--quantization", "-q", default=None, choices=["int8", "int4", "gptq", "awq"],
+                   help="weight-only quantization: int8 / int4 quantize a full-precision checkpoint at load; gptq / "
+                        "awq load pre-quantized checkpoints (default: what config.json says, else none)")
+    g.add_argument("--quantization-config", type=_json_dict, default=None, metavar="JSON",
+                   help='int8 / int4 settings, e.g. \'{"group_size": 64, "sym": true, "lm_head": false}\' '
+                        '(default int4: group_size 128 with zero points; int8: per output channel)')
 
 
 def _json_dict(text: str) -> dict:

@@ -18,14 +18,18 @@ class LLM:
                  num_kv_blocks: int | None = None, kv_cache_memory_gb: float | None = None,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, backend: str = "auto", seed: int = 0,
-                 speculative_config: dict | None = None, disable_log_stats: bool = True) -> None:
+                 speculative_config: dict | None = None, disable_log_stats: bool = True,
+                 quantization: str | None = None, quantization_config: dict | None = None) -> None:
+        """quantization: 'int8' / 'int4' (quantized at load), 'gptq' / 'awq' (pre-quantized checkpoints; also
+        detected from config.json); quantization_config tunes int8 / int4 (stablelm_fast/quantization/config.py)."""
         self.engine = LLMEngine(EngineArgs(
             model=model, dtype=dtype, device=device, tensor_parallel_size=tensor_parallel_size,
             load_format=load_format, max_model_len=max_model_len, block_size=block_size,
             num_kv_blocks=num_kv_blocks, kv_cache_memory_gb=kv_cache_memory_gb,
             enable_prefix_caching=enable_prefix_caching, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, backend=backend, seed=seed,
-            speculative_config=speculative_config, disable_log_stats=disable_log_stats))
+            speculative_config=speculative_config, disable_log_stats=disable_log_stats, quantization=quantization,
+            quantization_config=quantization_config))
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: PromptType | Seq[PromptType],

@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from stablelm_fast.config import ModelConfig
 from stablelm_fast.layers.weights import CheckpointTensor, process_weights_after_loading
+from stablelm_fast.quantization import QuantConfig, rewrite_expected_shapes
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -78,12 +79,15 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
-def load_checkpoint(model_dir: str, config: ModelConfig, assign: Callable[[str, CheckpointTensor], None]) -> None:
+def load_checkpoint(model_dir: str, config: ModelConfig, assign: Callable[[str, CheckpointTensor], None],
+                    quant: QuantConfig | None = None) -> None:
     """Open every safetensors file memory-mapped, check names and shapes, and hand each tensor to `assign`
-    as a CheckpointTensor (whose read_slice(dim, start, stop) reads only that slice from disk)."""
+    as a CheckpointTensor (whose read_slice(dim, start, stop) reads only that slice from disk). quant: a
+    pre-quantized (GPTQ / AWQ) checkpoint holds packed tensors instead of its linear weights."""
     from tqdm import tqdm
 
     expected = expected_hf_shapes(config)
+    optional = rewrite_expected_shapes(expected, quant)
     seen: set[str] = set()
     # NOTE: disable=None shows the bar only on a terminal (not in logs, tests or worker processes' pipes).
     bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=None, leave=False)
@@ -113,7 +117,7 @@ def load_checkpoint(model_dir: str, config: ModelConfig, assign: Callable[[str, 
                 assign(name, CheckpointTensor(shape, lambda f=f, name=name: f.get_tensor(name), read_slice))
                 bar.update(1)
     bar.close()
-    missing = sorted(set(expected) - seen)
+    missing = sorted(set(expected) - seen - optional)
     if missing:
         raise ValueError(f"checkpoint {model_dir!r} is missing tensor {missing[0]!r}"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
@@ -127,6 +131,6 @@ def load_model(model: torch.nn.Module, model_dir: str | None, load_format: str, 
     else:
         if model_dir is None:
             raise ValueError(f"load_format {load_format!r} needs a model folder")
-        load_checkpoint(model_dir, model.config, model.load_weight)
+        load_checkpoint(model_dir, model.config, model.load_weight, getattr(model, "quant_config", None))
         model.tie_weights()
     process_weights_after_loading(model)

@@ -26,7 +26,7 @@ from stablelm_fast.ops.reference import rotary_cos_sin
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TPInfo, ops: Any) -> None:
+    def __init__(self, config: ModelConfig, tp: TPInfo, ops: Any, quant: Any = None, prefix: str = "") -> None:
         super().__init__()
         self.tp = tp
         self.parallel_residual = config.use_parallel_residual
@@ -34,8 +34,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = LayerNorm(h, eps, ops)
         self.post_attention_layernorm = None if self.parallel_residual else LayerNorm(h, eps, ops)
         self.self_attn = Attention(config, head_shard(config.num_attention_heads, config.num_key_value_heads, tp),
-                                   tp, ops)
-        self.mlp = MLP(h, config.intermediate_size, ops, tp)
+                                   tp, ops, quant, f"{prefix}.self_attn")
+        self.mlp = MLP(h, config.intermediate_size, ops, tp, quant, f"{prefix}.mlp")
 
     def forward(
         self,
@@ -56,10 +56,11 @@ class DecoderLayer(nn.Module):
 
 
 class StableLmModel(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TPInfo, ops: Any) -> None:
+    def __init__(self, config: ModelConfig, tp: TPInfo, ops: Any, quant: Any = None) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(config, tp, ops) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, tp, ops, quant, f"model.layers.{i}")
+                                    for i in range(config.num_hidden_layers))
         self.norm = LayerNorm(config.hidden_size, config.layer_norm_eps, ops)
         # [max_positions, rotary_dim] fp32 whatever the model dtype: the rotary angles are always computed in fp32
         self.register_buffer("cos_sin", rotary_cos_sin(config.max_position_embeddings, config.rotary_dim,
@@ -80,12 +81,13 @@ class StableLM(nn.Module):
                               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     _PER_HEAD_NORM = re.compile(r"\.(q|k)_layernorm\.norms\.(\d+)\.weight$")
 
-    def __init__(self, config: ModelConfig, ops: Any, tp: TPInfo | None = None) -> None:
+    def __init__(self, config: ModelConfig, ops: Any, tp: TPInfo | None = None, quant_config: Any = None) -> None:
         super().__init__()
         self.config = config
         self.tp = tp or TPInfo()
-        self.model = StableLmModel(config, self.tp, ops)
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, self.tp, ops)
+        self.quant_config = quant_config  # stablelm_fast.quantization.QuantConfig, or None
+        self.model = StableLmModel(config, self.tp, ops, quant_config)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, self.tp, ops, quant_config)
 
     @property
     def head_shard(self) -> HeadShard:
@@ -134,5 +136,7 @@ class StableLM(nn.Module):
                 p.data.zero_()
             elif "norm" in name:
                 p.data.fill_(1.0)
+            elif hasattr(p, "dummy_loader"):  # a weight quantized as it loads: the same draw, then quantized
+                p.dummy_loader(torch.randn(p.dummy_shape, generator=gen).mul_(0.02).to(p.dtype))
             else:
                 p.data.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))

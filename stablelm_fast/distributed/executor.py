@@ -58,7 +58,8 @@ class TPExecutor:
     """The engine's executor when tensor_parallel_size > 1 (the Executor protocol, as ModelRunner)."""
 
     def __init__(self, config: ModelConfig, model_dir: str | None, load_format: str, dtype: torch.dtype,
-                 device: torch.device, backend: str, tp_size: int, seed: int = 0) -> None:
+                 device: torch.device, backend: str, tp_size: int, seed: int = 0,
+                 quantization: dict | None = None) -> None:
         self.config, self.tp_size = config, tp_size
         self.monitor = WorkerMonitor()
         self._closed = False
@@ -88,7 +89,7 @@ class TPExecutor:
         self.device = device
         self.comm = Comm(0, tp_size, device)
         runner_args = dict(config=config, model_dir=model_dir, load_format=load_format, dtype=dtype,
-                           device=device, backend=backend, seed=seed)
+                           device=device, backend=backend, seed=seed, quantization=quantization)
         _LIVE.add(self)
         try:
             if self.attached:

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     p.add_argument("--backend", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantization", default=None, choices=["int8", "int4", "gptq", "awq"])
+    p.add_argument("--quantization-config", type=json.loads, default=None, help="JSON, as LLM(quantization_config=)")
     # driver-only flags (ignored on the other ranks)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
@@ -79,7 +81,8 @@ def init_from_env(device: str = "auto") -> int:
 
 def run_worker(args: argparse.Namespace) -> None:
     run_attached(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-                 backend=args.backend, seed=args.seed)
+                 backend=args.backend, seed=args.seed, quantization=args.quantization,
+                 quantization_config=args.quantization_config)
 
 
 def run_driver(args: argparse.Namespace) -> None:
@@ -93,7 +96,7 @@ def run_driver(args: argparse.Namespace) -> None:
     llm = LLM(args.model, dtype=args.dtype, device=args.device, tensor_parallel_size=dist.get_world_size(),
               load_format=args.load_format, max_model_len=args.max_model_len, block_size=args.block_size,
               num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb, backend=args.backend,
-              seed=args.seed)
+              seed=args.seed, quantization=args.quantization, quantization_config=args.quantization_config)
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
         outs = llm.generate(prompts, params) if prompts else []

@@ -101,12 +101,14 @@ def main() -> None:
 
 
 def run_attached(model_dir: str, dtype: str = "auto", device: str = "auto", load_format: str = "auto",
-                 backend: str = "auto", seed: int = 0) -> None:
+                 backend: str = "auto", seed: int = 0, quantization: str | None = None,
+                 quantization_config: dict | None = None) -> None:
     """A rank > 0 under torchrun (torch.distributed already initialized): load the shard, serve the driver."""
     import torch.distributed as dist
 
     from stablelm_fast.config import ModelConfig, resolve_dtype
     from stablelm_fast.ops import resolve_backend
+    from stablelm_fast.quantization import resolve_quant_config
 
     rank, size = dist.get_rank(), dist.get_world_size()
     config = ModelConfig.from_pretrained(model_dir)
@@ -116,12 +118,14 @@ def run_attached(model_dir: str, dtype: str = "auto", device: str = "auto", load
         torch.cuda.set_device(dev)
     torch_dtype = resolve_dtype(dtype, config, dev)
     backend = resolve_backend(backend, dev)
+    quant = resolve_quant_config(quantization, quantization_config, model_dir, load_format)
     comm = Comm(rank, size, dev)
     comm.connect_world()
     set_cpu_threads(dev, local_world_size())
     runner, failed = comm.run_counting_failures(
         lambda: ModelRunner(config, None if load_format == "dummy" else model_dir, load_format, torch_dtype, dev,
-                            backend, tp=comm.tp_info(), seed=seed))
+                            backend, tp=comm.tp_info(), seed=seed,
+                            quantization=quant.to_dict() if quant else None))
     if failed:
         raise SystemExit(f"rank {rank}: {failed} rank(s) failed to load the model")
     worker_loop(runner, comm)

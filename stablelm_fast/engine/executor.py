@@ -30,9 +30,11 @@ class Executor(Protocol):
 
 
 def make_executor(config, model_dir: str | None, load_format: str, dtype: torch.dtype, device: torch.device,
-                  backend: str, tensor_parallel_size: int, seed: int) -> Executor:
+                  backend: str, tensor_parallel_size: int, seed: int, quantization: dict | None = None) -> Executor:
+    """quantization: a QuantConfig as a dict (JSON: tensor-parallel workers receive it on their command line)."""
     if tensor_parallel_size > 1:
         from stablelm_fast.distributed.executor import TPExecutor
-        return TPExecutor(config, model_dir, load_format, dtype, device, backend, tensor_parallel_size, seed)
+        return TPExecutor(config, model_dir, load_format, dtype, device, backend, tensor_parallel_size, seed,
+                          quantization)
     from stablelm_fast.engine.model_runner import ModelRunner
-    return ModelRunner(config, model_dir, load_format, dtype, device, backend, seed=seed)
+    return ModelRunner(config, model_dir, load_format, dtype, device, backend, seed=seed, quantization=quantization)

@@ -31,6 +31,7 @@ from stablelm_fast.engine.step_input import prepare_step
 from stablelm_fast.layers.sampler import Sampler, SamplingRow
 from stablelm_fast.ops import resolve_backend
 from stablelm_fast.outputs import RequestOutput
+from stablelm_fast.quantization import resolve_quant_config
 from stablelm_fast.sampling_params import SamplingParams
 from stablelm_fast.structured_outputs import StructuredOutputManager
 from stablelm_fast.tokenizer import Tokenizer
@@ -53,6 +54,8 @@ class EngineArgs:
     backend: str = "auto"
     seed: int = 0
     speculative_config: dict | None = None  # vLLM's: {"method": "ngram", "num_speculative_tokens": k, ...}
+    quantization: str | None = None  # 'int8' | 'int4' | 'gptq' | 'awq' (None: as config.json says); quantization/
+    quantization_config: dict | None = None  # int8 / int4: {"group_size": 64, "sym": True, "lm_head": False}
     disable_log_stats: bool = True  # no periodic throughput/load log line (AsyncLLM turns it on)
 
     def validate(self) -> None:
@@ -90,8 +93,11 @@ class LLMEngine:
                                   args.load_format, self.dtype, self.device, self.backend, args.seed) \
             if self.spec_config is not None and self.spec_config.method == "draft_model" else None
         model_dir = None if args.load_format == "dummy" else args.model
+        self.quant_config = resolve_quant_config(args.quantization, args.quantization_config, args.model,
+                                                 args.load_format)
         self.executor: Executor = make_executor(self.config, model_dir, args.load_format, self.dtype, self.device,
-                                                self.backend, args.tensor_parallel_size, args.seed)
+                                                self.backend, args.tensor_parallel_size, args.seed,
+                                                self.quant_config.to_dict() if self.quant_config else None)
         bytes_per_block = self.executor.kv_bytes_per_block(args.block_size) + (
             self.drafter.kv_bytes_per_block(args.block_size) if self.drafter is not None else 0)
         num_blocks = args.num_kv_blocks or kv_cache.default_num_blocks(

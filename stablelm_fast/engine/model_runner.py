@@ -18,6 +18,7 @@ from stablelm_fast.layers.parallel import TPInfo
 from stablelm_fast.loader import load_model
 from stablelm_fast.model import StableLM
 from stablelm_fast.ops import get_ops
+from stablelm_fast.quantization import QuantConfig
 
 
 class ModelRunner:
@@ -26,7 +27,8 @@ class ModelRunner:
     is_dead = False  # nothing outside this process can fail it
 
     def __init__(self, config: ModelConfig, model_dir: str | None, load_format: str, dtype: torch.dtype,
-                 device: torch.device, backend: str, tp: TPInfo | None = None, seed: int = 0) -> None:
+                 device: torch.device, backend: str, tp: TPInfo | None = None, seed: int = 0,
+                 quantization: dict | None = None) -> None:
         self.config, self.dtype, self.device, self.backend = config, dtype, device, backend
         self.tp = tp or TPInfo()
         self.ops = get_ops(backend)
@@ -34,7 +36,7 @@ class ModelRunner:
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                self.model = StableLM(config, self.ops, self.tp)
+                self.model = StableLM(config, self.ops, self.tp, QuantConfig.from_dict(quantization))
         finally:
             torch.set_default_dtype(prev)
         load_model(self.model, model_dir, load_format, seed)

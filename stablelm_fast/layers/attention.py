@@ -27,20 +27,22 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, shard: HeadShard, tp: TPInfo, ops: Any) -> None:
+    def __init__(self, config: ModelConfig, shard: HeadShard, tp: TPInfo, ops: Any, quant: Any = None,
+                 prefix: str = "self_attn") -> None:
         super().__init__()
         self.ops = ops
         self.num_q, self.num_kv, self.head_dim = shard.num_q, shard.num_kv, config.head_dim
         self.eps = config.layer_norm_eps
         self.scale = config.head_dim ** -0.5
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, shard, config.use_qkv_bias, ops, tp)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, shard, config.use_qkv_bias, ops, tp,
+                                          quant, f"{prefix}.qkv_proj")
         # StableLM 2 12B normalizes each head with its own LayerNorm weight (no bias)
         self.q_layernorm = PerHeadNormWeights(shard.q_start, shard.num_q, config.head_dim) if config.qk_layernorm \
             else None
         self.k_layernorm = PerHeadNormWeights(shard.kv_start, shard.num_kv, config.head_dim) if config.qk_layernorm \
             else None
         self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size, ops, tp,
-                                        "num_attention_heads * head_dim")
+                                        "num_attention_heads * head_dim", quant, f"{prefix}.o_proj")
 
     def forward(
         self,

@@ -36,11 +36,13 @@ class VocabEmbedding(_VocabParallel):
 
 
 class LMHead(_VocabParallel):
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TPInfo, ops: Any) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPInfo, ops: Any, quant: Any = None) -> None:
         super().__init__(vocab_size, hidden_size, tp)
         self.bias = None
         self.packed_halves = False
-        self.linear_method = UnquantizedLinearMethod(ops)
+        self.prefix = "lm_head"
+        method = quant.linear_method(ops, self.prefix) if quant is not None else None
+        self.linear_method = method or UnquantizedLinearMethod(ops)  # a quantized one quantizes after loading
 
     def process_weights_after_loading(self) -> None:
         self.linear_method.process_weights_after_loading(self)

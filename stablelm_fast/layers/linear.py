@@ -5,8 +5,9 @@ are packed column-parallel layers whose loaders place q / k / v and gate / up ro
 input features (its partial sums are reduced by the caller, so the 12B's parallel residual needs one all-reduce).
 
 A `LinearMethod` owns what the weight looks like at run time: `UnquantizedLinearMethod` keeps the checkpoint layout
-and lets the backend repack it once after loading (cpu: the ISA's layout, ops/cpu_linear.py); quantized methods plug in
-here.
+and lets the backend repack it once after loading (cpu: the ISA's layout, ops/cpu_linear.py); the quantized methods
+(stablelm_fast/quantization/) create their own parameters (`create_weights`) and read the checkpoint through the
+layer's `read_local` (this rank's rows / columns of one checkpoint tensor) and `shard_rows` / `k_range`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class UnquantizedLinearMethod:
     def __init__(self, ops: Any) -> None:
         self.ops = ops
 
+    def create_weights(self, layer: "LinearBase") -> None:
+        layer.weight = make_param(layer.out_features, layer.in_features, loader=layer.weight_loader)
+
     def process_weights_after_loading(self, layer: "LinearBase") -> None:
         pack = getattr(self.ops, "pack_linear_weight", None)
         if pack is not None:
@@ -41,16 +45,32 @@ class UnquantizedLinearMethod:
 
 class LinearBase(nn.Module):
     packed_halves = False  # gate_up: the two halves must stay apart when repacked
+    splits_k = False  # row-parallel: each rank holds a slice of the input features
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, ops: Any, tp: TPInfo) -> None:
+    k_range: tuple[int, int]  # this rank's input features in the checkpoint tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, ops: Any, tp: TPInfo, quant: Any = None,
+                 prefix: str = "") -> None:
         super().__init__()
         self.in_features, self.out_features, self.tp = in_features, out_features, tp  # this rank's sizes
-        self.weight = make_param(out_features, in_features, loader=self.weight_loader)
+        self.prefix = prefix  # the HF module name (errors, quantization choices)
+        method = quant.linear_method(ops, prefix) if quant is not None else None
+        self.linear_method = method or UnquantizedLinearMethod(ops)
+        self.linear_method.create_weights(self)
         self.bias = make_param(out_features, loader=self.weight_loader) if bias else None
-        self.linear_method = UnquantizedLinearMethod(ops)
+
+    def shard_rows(self, shard_id: Any) -> tuple[int, int, int]:
+        """-> (offset in this layer's packed output features, first row in the checkpoint tensor, rows)."""
+        return 0, 0, self.out_features
+
+    def read_local(self, loaded: CheckpointTensor, shard_id: Any = None) -> tuple[int, torch.Tensor]:
+        """This rank's part of a checkpoint weight (or bias) -> (offset in the packed output features, tensor)."""
+        offset, first, rows = self.shard_rows(shard_id)
+        return offset, loaded.read_slice(0, first, first + rows)
 
     def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: Any = None) -> None:
-        raise NotImplementedError
+        offset, t = self.read_local(loaded, shard_id)
+        param.data[offset: offset + t.shape[0]].copy_(t)
 
     def process_weights_after_loading(self) -> None:
         self.linear_method.process_weights_after_loading(self)
@@ -62,45 +82,51 @@ class LinearBase(nn.Module):
 class RowParallelLinear(LinearBase):
     """y = x W^T with W [out, in] split along in; the caller all-reduces the partial sums."""
 
-    def __init__(self, in_features: int, out_features: int, ops: Any, tp: TPInfo, what: str) -> None:
-        self.start, self.stop = split_range(in_features, tp, what)
-        super().__init__(self.stop - self.start, out_features, False, ops, tp)
+    splits_k = True
 
-    def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: Any = None) -> None:
-        param.data.copy_(loaded.read_slice(1, self.start, self.stop))
+    def __init__(self, in_features: int, out_features: int, ops: Any, tp: TPInfo, what: str, quant: Any = None,
+                 prefix: str = "") -> None:
+        self.start, self.stop = split_range(in_features, tp, what)
+        self.k_range = (self.start, self.stop)
+        super().__init__(self.stop - self.start, out_features, False, ops, tp, quant, prefix)
+
+    def read_local(self, loaded: CheckpointTensor, shard_id: Any = None) -> tuple[int, torch.Tensor]:
+        return 0, loaded.read_slice(1, self.start, self.stop)
 
 
 class QKVParallelLinear(LinearBase):
     """q, k and v projections packed into one [(Hq + 2 Hkv) * D, hidden] weight; this rank's heads only."""
 
-    def __init__(self, hidden_size: int, head_dim: int, shard: HeadShard, bias: bool, ops: Any, tp: TPInfo) -> None:
+    def __init__(self, hidden_size: int, head_dim: int, shard: HeadShard, bias: bool, ops: Any, tp: TPInfo,
+                 quant: Any = None, prefix: str = "") -> None:
         self.shard, self.head_dim = shard, head_dim
         q, kv = shard.num_q * head_dim, shard.num_kv * head_dim
         # shard_id -> (offset in the packed weight, first row in the checkpoint tensor, rows)
         self.parts = {"q": (0, shard.q_start * head_dim, q), "k": (q, shard.kv_start * head_dim, kv),
                       "v": (q + kv, shard.kv_start * head_dim, kv)}
-        super().__init__(hidden_size, q + 2 * kv, bias, ops, tp)
+        self.k_range = (0, hidden_size)
+        super().__init__(hidden_size, q + 2 * kv, bias, ops, tp, quant, prefix)
 
-    def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: Any = None) -> None:
-        offset, first, rows = self.parts[shard_id]
-        param.data[offset: offset + rows].copy_(loaded.read_slice(0, first, first + rows))
+    def shard_rows(self, shard_id: Any) -> tuple[int, int, int]:
+        return self.parts[shard_id]
 
 
 class MergedColumnParallelLinear(LinearBase):
     """Several column-parallel projections of the same input packed in one weight (gate_up: [Wg; Wu])."""
 
-    def __init__(self, in_features: int, out_sizes: list[int], ops: Any, tp: TPInfo, what: str) -> None:
+    def __init__(self, in_features: int, out_sizes: list[int], ops: Any, tp: TPInfo, what: str, quant: Any = None,
+                 prefix: str = "") -> None:
         self.ranges = [split_range(n, tp, what) for n in out_sizes]
         parts = [stop - start for start, stop in self.ranges]
         self.offsets = [sum(parts[:i]) for i in range(len(parts))]
         self.packed_halves = len(parts) == 2
-        super().__init__(in_features, sum(parts), False, ops, tp)
+        self.k_range = (0, in_features)
+        super().__init__(in_features, sum(parts), False, ops, tp, quant, prefix)
 
     def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """gate_up only: silu(gate(x)) * up(x) in one fused op."""
         return self.linear_method.apply_silu_mul(self, x)
 
-    def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: Any = None) -> None:
+    def shard_rows(self, shard_id: Any) -> tuple[int, int, int]:
         start, stop = self.ranges[shard_id]
-        offset = self.offsets[shard_id]
-        param.data[offset: offset + stop - start].copy_(loaded.read_slice(0, start, stop))
+        return self.offsets[shard_id], start, stop - start

@@ -1,0 +1,92 @@
+"""Pre-quantized GPTQ / AWQ checkpoints (written by tests/quant_checkpoint_writers.py, following the documented
+layouts) give the same prompt logprobs and greedy tokens as the same model dequantized and saved in fp32."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from stablelm_fast import LLM, SamplingParams
+from tests.quant_checkpoint_writers import write_prequantized
+
+BUILTIN = os.path.join(os.path.dirname(os.path.dirname(__file__)), "stablelm_fast", "assets", "stablelm-pystdlib-4m")
+PROMPTS = [{"prompt_token_ids": list(range(40, 71))}, {"prompt_token_ids": [7, 300, 21, 9, 1200, 5, 88, 17]}]
+PARAMS = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1, ignore_eos=True)
+KW = dict(dtype="float32", backend="torch", num_kv_blocks=32)
+
+
+def _run(model_dir: str, **kw):
+    llm = LLM(model_dir, **KW, **kw)
+    try:
+        outs = llm.generate(PROMPTS, PARAMS)
+    finally:
+        llm.shutdown()
+    lps = [torch.tensor([lp[t] for lp, t in zip(o.prompt_logprobs[1:], p["prompt_token_ids"][1:])])
+           for o, p in zip(outs, PROMPTS)]
+    return [o.outputs[0].token_ids for o in outs], lps
+
+
+# NOTE: GPTQ without act-order, asymmetric, is the tensor-parallel test's checkpoint below
+@pytest.mark.parametrize("method,group,sym,desc_act", [("gptq", 64, True, True), ("awq", 128, False, False)])
+def test_prequantized_matches_dequantized_reference(tmp_path, method, group, sym, desc_act):
+    q, ref = str(tmp_path / "q"), str(tmp_path / "ref")
+    write_prequantized(BUILTIN, q, ref, method, group, sym=sym, desc_act=desc_act)
+    tokens, lps = _run(q)  # quant_method detected from config.json
+    want_tokens, want_lps = _run(ref)
+    assert tokens == want_tokens
+    for got, want in zip(lps, want_lps):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.xdist_group("tp")
+def test_gptq_under_tensor_parallelism(tmp_path):
+    """TP=2 shards qweight along N (qkv, gate_up) and along K (o_proj, down_proj: K / 2 = 192 = 3 groups of 64)."""
+    q, ref = str(tmp_path / "q"), str(tmp_path / "ref")
+    write_prequantized(BUILTIN, q, ref, "gptq", 64, sym=False)
+    tokens, lps = _run(q, tensor_parallel_size=2, quantization="gptq")
+    want_tokens, want_lps = _run(ref)
+    assert tokens == want_tokens
+    for got, want in zip(lps, want_lps):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_prequantized_refusals(tmp_path):
+    q = str(tmp_path / "q")  # config.json and tokenizer only: every refusal comes before the weights are read
+    os.makedirs(q)
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(BUILTIN, f), q)
+    with open(os.path.join(q, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True}
+    with open(os.path.join(q, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="already quantized"):
+        LLM(q, quantization="int4", **KW)
+    with pytest.raises(ValueError, match="quant_method 'awq'"):
+        LLM(q, quantization="awq", **KW)
+    with pytest.raises(ValueError, match="quant_method 'gptq'"):
+        LLM(BUILTIN, quantization="gptq", **KW)
+    with pytest.raises(ValueError, match="dummy"):
+        LLM(q, load_format="dummy", **KW)
+    cfg["quantization_config"]["bits"] = 8
+    with open(os.path.join(q, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="bits=8 are not supported"):
+        LLM(q, **KW)
+
+
+def test_act_order_refused_for_row_parallel_shards():
+    from stablelm_fast.layers.linear import RowParallelLinear
+    from stablelm_fast.layers.parallel import TPInfo
+    from stablelm_fast.ops import get_ops
+    from stablelm_fast.quantization import QuantConfig
+
+    act_order = QuantConfig("gptq", 4, 64, True, desc_act=True, zero_offset=1)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj: GPTQ act-order"):
+        RowParallelLinear(384, 256, get_ops("torch"), TPInfo(0, 2), "intermediate_size", act_order,
+                          "model.layers.0.mlp.down_proj")
+    RowParallelLinear(384, 256, get_ops("torch"), TPInfo(0, 1), "intermediate_size", act_order, "down_proj")
