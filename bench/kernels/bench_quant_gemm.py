@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import _util
 import torch
@@ -33,50 +32,68 @@ SHAPES = [(2048, 6144), (2048, 2048), (2048, 11264), (5632, 2048)]  # (K, N)
 
 
 def once(fn, iters: int) -> float:
+    """Seconds per call over iters calls (_util.CLOCK: the wall clock, or with SLF_BENCH_CPU_TIME=1 this process's
+    CPU time, which on a loaded machine leaves out the time other processes hold the cores)."""
     fn()
-    t = time.perf_counter()
+    t = _util.CLOCK()
     for _ in range(iters):
         fn()
-    return (time.perf_counter() - t) / iters
+    return (_util.CLOCK() - t) / iters
+
+
+# Each candidate: (weights, call, bytes): call(x, weights) -> a function running the op once.
 
 
 def ours(w, bits, g, kernel):
     qw, s, z = qref.quantize_weight(w, bits, g)
     pq, ps, pz = cpu_quant.pack_quant_weight(qw, s, z, bits, g)
-    nbytes = pq.numel() + ps.numel() * 4 + (0 if pz is None else pz.numel())
 
-    def make(x):
+    def call(x, wt):
         out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
 
         def fn():
             os.environ["STABLELM_FAST_QGEMM"] = kernel
-            ops.cpu_quant_linear(out, x, pq, ps, pz, None, bits, g, False)
+            ops.cpu_quant_linear(out, x, *wt, None, bits, g, False)
         return fn
-    return make, nbytes
+    return (pq, ps, pz), call, pq.numel() + ps.numel() * 4 + (0 if pz is None else pz.numel())
 
 
 def torch_int8(w):
     qw, s, _ = qref.quantize_weight(w, 8, w.shape[1])
     sb = s[:, 0].bfloat16()
-    return (lambda x: (lambda: torch._weight_int8pack_mm(x, qw, sb))), qw.numel() + sb.numel() * 2
+    return (qw, sb), (lambda x, wt: (lambda: torch._weight_int8pack_mm(x, *wt))), qw.numel() + sb.numel() * 2
 
 
 def torch_int4(w, g):
     qw, s, _ = qref.quantize_weight(w, 4, g)
-    q = qref.unpack_int4(qw).to(torch.int32)
-    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    packed = torch._convert_weight_to_int4pack_for_cpu(qref.unpack_int4(qw).to(torch.int32), 2)
     # torch's int4 form: w = (q - 8) * scale + zero, per group: scale_and_zeros [K / G, N, 2]
     sz = torch.stack([s.t(), -8 * s.t()], dim=-1).bfloat16().contiguous()
-    return (lambda x: (lambda: torch._weight_int4pack_mm_for_cpu(x, packed, g, sz))), packed.numel() + sz.numel() * 2
+    return ((packed, sz), (lambda x, wt: (lambda: torch._weight_int4pack_mm_for_cpu(x, wt[0], g, wt[1]))),
+            packed.numel() + sz.numel() * 2)
 
 
 def bf16_linear(w):
     pw = cpu_linear.pack_linear_weight(w.bfloat16())
 
-    def make(x):
+    def call(x, wt):
         out = torch.empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
-        return lambda: ops.linear(out, x, pw, None)
-    return make, pw.numel() * 2
+        return lambda: ops.linear(out, x, wt[0], None)
+    return (pw,), call, pw.numel() * 2
+
+
+def rotating(weights, call, nbytes, x, footprint: float):
+    """fn cycling over enough copies of the weights that they do not fit the last-level cache (as a model's layers
+    do not): each call reads its weights from DRAM."""
+    copies = [weights] + [tuple(None if t is None else t.clone() for t in weights)
+                          for _ in range(int(footprint // nbytes))]
+    fns = [call(x, c) for c in copies]
+    state = [0]
+
+    def fn():
+        fns[state[0] % len(fns)]()
+        state[0] += 1
+    return fn
 
 
 def main() -> None:
@@ -85,6 +102,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernels", default="auto,int,fp32")
     p.add_argument("--shapes", default="0,1,2,3")
+    p.add_argument("--footprint-mb", type=float, default=96, help="weight copies per candidate (L3 here: 32 MB)")
     args = p.parse_args()
     print(f"== CPU: {_util.cpu_model()}; ISA flags: {_util.cpu_flags()}; kernels run {cpu_linear.cpu_isa()}, "
           f"quant layout {cpu_quant.quant_layout()}; {torch.get_num_threads()} threads; "
@@ -107,7 +125,7 @@ def main() -> None:
         cands["t-int4g128"] = torch_int4(w, 128)
         for m in [int(v) for v in args.ms.split(",")]:
             x = torch.randn(m, k).bfloat16()
-            fns = {name: make(x) for name, (make, _) in cands.items()}
+            fns = {name: rotating(*c, x, args.footprint_mb * 1e6) for name, c in cands.items()}
             est = once(fns["bf16"], 3)
             iters = max(3, int(0.05 / max(est, 1e-6)))
             times = {name: [] for name in fns}
@@ -118,7 +136,7 @@ def main() -> None:
             print(f"-- K={k} N={n} M={m} (median of {args.repeats} interleaved rounds x {iters} calls)")
             for name, ts in times.items():
                 t = statistics.median(ts)
-                nbytes = cands[name][1]
+                nbytes = cands[name][2]
                 gbs = nbytes / t / 1e9
                 print(f"   {name:<16} {t * 1e6:9.1f} us  {gbs:6.1f} GB/s ({100 * gbs / bw:4.0f}% of {bw:.1f})  "
                       f"{2 * m * k * n / t / 1e9:7.1f} GFLOP/s  ({nbytes / 1e6:.1f} MB)", flush=True)
