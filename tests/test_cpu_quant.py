@@ -1,7 +1,8 @@
 """The CPU int8 / int4 linear layers (ops/cpu_quant.py, csrc/cpu/quant_*.cpp): the packed layout, each kernel
 against the reference to float precision (the int-activation kernels against the reference on x quantized as they
 quantize it), the error bound the op tests use, opcheck, bad input; and each lower ISA in a subprocess
-(test_lower_isas) that re-runs this file and the cpu cases of the per-op test (tests/ops/test_op_quant_linear.py)."""
+or with brgemm forced (test_other_paths), re-running this file and the cpu cases of the per-op test
+(tests/ops/test_op_quant_linear.py)."""
 
 from __future__ import annotations
 
@@ -193,20 +194,24 @@ def test_opcheck():
                               (torch.empty(3, 12), x, pq, ps, pz, None, bits, g, True))
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
-def test_lower_isas(isa):
+@pytest.mark.parametrize("var,value", [("STABLELM_FAST_ISA", "scalar"), ("STABLELM_FAST_ISA", "avx2"),
+                                       ("STABLELM_FAST_BRGEMM", "1")], ids=["scalar", "avx2", "brgemm"])
+def test_other_paths(var, value):
     """Re-runs this file and the cpu cases of tests/ops/test_op_quant_linear.py in a subprocess with a lower ISA
-    (STABLELM_FAST_ISA): the avx2 layout and kernel, and the scalar one. (The AVX-512 kernels other than the one
-    auto picks run in-process above, through STABLELM_FAST_QGEMM.)"""
-    if os.environ.get("STABLELM_FAST_ISA"):
-        pytest.skip("already in a subprocess with a forced ISA")
+    (STABLELM_FAST_ISA: the avx2 layout and kernel, the scalar one), or with STABLELM_FAST_BRGEMM=1 (bf16 x through
+    dequantized bf16 blocks and oneDNN's brgemm at every M: what AMX machines run above 4 tokens). The AVX-512
+    kernels auto does not pick run in-process above, through STABLELM_FAST_QGEMM."""
+    if os.environ.get("STABLELM_FAST_ISA") or os.environ.get("STABLELM_FAST_BRGEMM"):
+        pytest.skip("already in a subprocess with a forced path")
     order = ["scalar", "avx2", "avx512bf16", "amx"]
-    if order.index(isa) >= order.index(ISA):
-        pytest.skip(f"{isa} is not below this process's ISA ({ISA}): the tests above ran it")
-    env = dict(os.environ, STABLELM_FAST_ISA=isa)
+    if var == "STABLELM_FAST_ISA" and order.index(value) >= order.index(ISA):
+        pytest.skip(f"{value} is not below this process's ISA ({ISA}): the tests above ran it")
+    if var == "STABLELM_FAST_BRGEMM" and LAYOUT != "vnni":
+        pytest.skip(f"the brgemm path runs where the vnni layout does; this process packs for {LAYOUT}")
+    env = dict(os.environ, **{var: value})
     env.pop("STABLELM_FAST_QGEMM", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-           os.path.join(HERE, "ops", "test_op_quant_linear.py"), "-k", "cpu and not lower_isas"]
+           os.path.join(HERE, "ops", "test_op_quant_linear.py"), "-k", "cpu and not other_paths"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(HERE))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert " passed" in res.stdout

@@ -3,10 +3,10 @@
 //
 // Kernels, by the weight's layout and the process's ISA (isa.h), x of M tokens:
 //   int8 activations (quant_vnni.cpp: AVX512-VNNI; quant_avx2.cpp: AVX2): x quantized per block of B = 32 k (B = the
-//        largest of 32 / 16 / 8 / 4 dividing the group size) to int8, dot products in int32. Decode (M <= kDecodeM),
-//        and every M on AVX2 or for fp32 / fp16 x.
-//   bf16 blocks (quant_bf16.cpp, AVX512-BF16, bf16 x, M > kDecodeM): each panel dequantized to bf16 once per call,
-//        then vdpbf16ps over every token group.
+//        largest of 32 / 16 / 8 / 4 dividing the group size) to int8, dot products in int32. Every M (see choose()).
+//   bf16 blocks (quant_bf16.cpp, bf16 x): each panel dequantized to bf16 once per call, then on AMX machines above
+//        4 tokens oneDNN's brgemm (at::native::cpublas::brgemm, as brgemm_gemm.cpp; STABLELM_FAST_BRGEMM=1 forces
+//        it), else vdpbf16ps over every token group (STABLELM_FAST_QGEMM=bf16).
 //   scalar (STABLELM_FAST_ISA=scalar, CPUs without AVX2): fp32 dequantization, fp32 x.
 // STABLELM_FAST_QGEMM=int|fp32|bf16 forces one AVX-512 kernel at every M (the bench and the tests use it; fp32 is
 // the in-register dequantization to fp32 FMAs of quant_vnni.cpp).
@@ -16,15 +16,20 @@
 #include <cstring>
 #include <vector>
 
+#include <ATen/native/CPUBlas.h>
+
 #include "cpu/cpu_types.h"
 #include "cpu/quant.h"
 #include "ops.h"
 
+namespace slf::cpu {
+bool use_brgemm(int64_t M);  // packed.h (not included: its kPanel would clash with quant::kPanel here)
+}
+
 namespace slf::cpu::quant {
 namespace {
 
-// Tokens up to which vnni machines run the int8-activation GEMV with bf16 x (above: dequantized bf16 blocks).
-constexpr int64_t kDecodeM = 4;
+constexpr int64_t kBrgemmRows = 32;  // tokens per brgemm call (two 16-row AMX C tiles)
 
 enum class Kernel { kScalar, kAvx2, kVnni, kFp32, kBf16 };
 
@@ -51,7 +56,11 @@ Kernel choose(bool vnni_layout, bool signed_layout, bool bf16_x, int64_t M) {
     const Kernel k = static_cast<Kernel>(f);
     return k == Kernel::kBf16 && !bf16_x ? Kernel::kVnni : k;
   }
-  return bf16_x && M > kDecodeM ? Kernel::kBf16 : Kernel::kVnni;
+  // NOTE: the int8-activation kernel at every M: vpdpbusd does twice the multiply-adds of vdpbf16ps, and on a Zen 4
+  // core it measured 1.2-1.5x the dequantized-bf16-block GEMM (and our bf16 GEMM) at M = 32 and 128 too
+  // (bench/kernels/bench_quant_gemm.py). With AMX (use_brgemm: M > 4 on AMX machines), bf16 blocks through
+  // oneDNN's brgemm instead.
+  return bf16_x && use_brgemm(M) ? Kernel::kBf16 : Kernel::kVnni;
 }
 
 int64_t act_block(int64_t G) {
@@ -107,7 +116,8 @@ void micro_scalar(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c)
 void quantize_rows(const float* xf, int64_t M, int64_t K, int64_t B, int64_t G, int8_t* q, float* bs, int32_t* bsum,
                    float* gs) {
   const int64_t nblk = K / B, ng = K / G, per_group = G / B;
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+  // NOTE: one thread below ~1M elements (a parallel region costs more than it saves at decode / small M)
+  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 20) / K), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       for (int64_t g = 0; g < ng; ++g) gs[m * ng + g] = 0.f;
       for (int64_t b = 0; b < nblk; ++b) {
@@ -208,12 +218,13 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t ldo = out.stride(0);
     if (kernel == Kernel::kBf16) {
+      const bool brgemm = use_brgemm(M);
       const auto* xb = reinterpret_cast<const c10::BFloat16*>(x.data_ptr());
       const int per_chunk = gate_up ? kBf16Panels / 2 : kBf16Panels;
       const int64_t n_chunks = (n_panels + per_chunk - 1) / per_chunk;
       at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
         std::vector<uint32_t> buf(kBf16Panels * (K / 2) * kPanel);
-        alignas(64) float c[kBf16T * kBf16Panels * kPanel];
+        alignas(64) float c[kBf16T * kBf16Panels * kPanel], cb[2 * kBrgemmRows * kPanel];
         const uint32_t* wp[kBf16Panels];
         for (int64_t ch = c0; ch < c1; ++ch) {
           const int64_t p0 = ch * per_chunk;
@@ -224,6 +235,22 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
               dequant_bf16(panel(m, p0 + qq), dst);
               wp[m * np_out + qq] = dst;
             }
+          if (brgemm) {  // AMX: oneDNN's brgemm reads a dequantized panel as its packed B (N = 16, ld 16)
+            for (int64_t t0 = 0; t0 < M; t0 += kBrgemmRows) {
+              const int64_t rows = std::min(kBrgemmRows, M - t0);
+              for (int qq = 0; qq < np_out; ++qq) {
+                for (int64_t m = 0; m < n_mats; ++m)
+                  at::native::cpublas::brgemm(rows, kPanel, K, x.stride(0), kPanel, kPanel, false,
+                                              xb + t0 * x.stride(0),
+                                              reinterpret_cast<const c10::BFloat16*>(wp[m * np_out + qq]),
+                                              cb + m * kBrgemmRows * kPanel);
+                const int64_t p = p0 + qq, width = p < n_full ? kPanel : tail;
+                emit(cb, gate_up ? cb + kBrgemmRows * kPanel : nullptr, kPanel, rows, width,
+                     bp ? bp + p * kPanel : nullptr, o + t0 * ldo + p * kPanel, ldo);
+              }
+            }
+            continue;
+          }
           for (int64_t t0 = 0; t0 < M; t0 += kBf16T) {
             const int64_t T = std::min(kBf16T, M - t0);
             micro_bf16(wp, np_out * static_cast<int>(n_mats), xb + t0 * x.stride(0), x.stride(0), T, K, c);
@@ -234,6 +261,7 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
             }
           }
         }
+        if (brgemm) at::native::cpublas::brgemm_release();
       });
       return;
     }
