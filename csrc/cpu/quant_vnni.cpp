@@ -7,7 +7,9 @@
 //                      bench/kernels/bench_quant_gemm.py; STABLELM_FAST_QGEMM=fp32 runs it): per 16 bytes of a quad
 //                      row (4 features x 4 k) a widening to 16 int32, a conversion, an FMA with scale / zero, and
 //                      per token an FMA with x's 4 values broadcast; lanes are summed by 4 at the end.
-// The weights stream from DRAM once per panel (software prefetch kAhead bytes ahead).
+// The weights stream from DRAM once per panel, one sequential stream per thread.
+// NOTE: no software prefetch: 1-2 KB ahead measured ~10% slower than the hardware prefetchers alone on Zen 4
+// (int8 GEMV, one core, medians of interleaved runs on a loaded machine).
 #include <cstring>
 
 #include <immintrin.h>
@@ -18,8 +20,6 @@
 
 namespace slf::cpu::quant {
 namespace {
-
-constexpr int64_t kAhead = 2048;  // bytes of q the prefetch runs ahead
 
 inline int32_t load4(const int8_t* p) {
   int32_t v;
@@ -55,8 +55,6 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
       if constexpr (BITS == 8) {
         int64_t r = 0;
         for (; r + 2 <= rows; r += 2, q += 128, k += 8) {
-          _mm_prefetch(reinterpret_cast<const char*>(q + kAhead), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(q + kAhead + 64), _MM_HINT_T0);
           const __m512i w0 = _mm512_loadu_si512(q), w1 = _mm512_loadu_si512(q + 64);
           for (int t = 0; t < T; ++t) {
             ia[t] = _mm512_dpbusd_epi32(ia[t], w0, _mm512_set1_epi32(load4(xq[t] + k)));
@@ -71,7 +69,6 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
         }
       } else {
         for (int64_t r = 0; r < rows; r += 2, q += 64, k += 8) {
-          _mm_prefetch(reinterpret_cast<const char*>(q + kAhead), _MM_HINT_T0);
           const __m512i v = _mm512_loadu_si512(q);
           const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
           for (int t = 0; t < T; ++t) {
@@ -141,7 +138,6 @@ SLF_VNNI void fp32(const Panel& w, const Act& x, int64_t t0, float* c) {
       ml[j] = _mm512_permutexvar_ps(idx[j], m);
     }
     for (int64_t kg = 0; kg < w.G; kg += BITS == 8 ? 4 : 8, q += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(q + kAhead), _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512(q);
       if constexpr (BITS == 8) {
         fp32_row<T>(v, sl, ml, xf, k, acc);
