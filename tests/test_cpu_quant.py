@@ -1,8 +1,7 @@
 """The CPU int8 / int4 linear layers (ops/cpu_quant.py, csrc/cpu/quant_*.cpp): the packed layout, each kernel
 against the reference to float precision (the int-activation kernels against the reference on x quantized as they
-quantize it), the error bound the op tests use, opcheck, bad input; and each lower ISA in a subprocess
-or with brgemm forced (test_other_paths), re-running this file and the cpu cases of the per-op test
-(tests/ops/test_op_quant_linear.py)."""
+quantize it), the error bound the op tests use, opcheck, bad input; and each lower ISA, and brgemm forced, in a
+subprocess (test_other_paths)."""
 
 from __future__ import annotations
 
@@ -197,9 +196,9 @@ def test_opcheck():
 @pytest.mark.parametrize("var,value", [("STABLELM_FAST_ISA", "scalar"), ("STABLELM_FAST_ISA", "avx2"),
                                        ("STABLELM_FAST_BRGEMM", "1")], ids=["scalar", "avx2", "brgemm"])
 def test_other_paths(var, value):
-    """Re-runs this file and the cpu cases of tests/ops/test_op_quant_linear.py in a subprocess with a lower ISA
-    (STABLELM_FAST_ISA: the avx2 layout and kernel, the scalar one), or with STABLELM_FAST_BRGEMM=1 (bf16 x through
-    dequantized bf16 blocks and oneDNN's brgemm at every M: what AMX machines run above 4 tokens). The AVX-512
+    """Re-runs this file in a subprocess with a lower ISA (STABLELM_FAST_ISA: the avx2 layout and kernel, the scalar
+    one), or this file and the cpu cases of tests/ops/test_op_quant_linear.py with STABLELM_FAST_BRGEMM=1 (bf16 x
+    through dequantized bf16 blocks and oneDNN's brgemm at every M: what AMX machines run above 4 tokens). The AVX-512
     kernels auto does not pick run in-process above, through STABLELM_FAST_QGEMM."""
     if os.environ.get("STABLELM_FAST_ISA") or os.environ.get("STABLELM_FAST_BRGEMM"):
         pytest.skip("already in a subprocess with a forced path")
@@ -210,8 +209,12 @@ def test_other_paths(var, value):
         pytest.skip(f"the brgemm path runs where the vnni layout does; this process packs for {LAYOUT}")
     env = dict(os.environ, **{var: value})
     env.pop("STABLELM_FAST_QGEMM", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-           os.path.join(HERE, "ops", "test_op_quant_linear.py"), "-k", "cpu and not other_paths"]
+    # NOTE: under a lower ISA the op test's cpu cases are re-run by tests/ops/test_op_lower_isas.py (on main).
+    files = [__file__]
+    if var == "STABLELM_FAST_BRGEMM":
+        files.append(os.path.join(HERE, "ops", "test_op_quant_linear.py"))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
+           "-k", "cpu and not other_paths"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(HERE))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert " passed" in res.stdout
