@@ -59,6 +59,8 @@ using Micro = void (*)(const Panel& w, const Act& x, int64_t t0, int64_t T, floa
 // AVX512-VNNI: int8 activations, vpdpbusd (T <= 4); the in-register dequantization to fp32 FMAs (T <= 4).
 void micro_vnni(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c);
 void micro_fp32_avx512(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c);
+// AVX512-VNNI, one token (decode): four panels at once, c: [4][16].
+void micro_vnni4(const Panel* w, const Act& x, int64_t t0, float* c);
 // AVX2: int8 activations, vpmaddubsw (T <= 2; signed int8 layout).
 void micro_avx2(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c);
 // Portable: fp32 dequantization, any T.

@@ -10,7 +10,8 @@
 //   scalar (STABLELM_FAST_ISA=scalar, CPUs without AVX2): fp32 dequantization, fp32 x.
 // STABLELM_FAST_QGEMM=int|fp32|bf16 forces one AVX-512 kernel at every M (the bench and the tests use it; fp32 is
 // the in-register dequantization to fp32 FMAs of quant_vnni.cpp).
-// Threads own disjoint ranges of output panels (gate_up: a panel of Wg and the same panel of Wu).
+// Threads own disjoint ranges of output panels (gate_up: a panel of Wg and the same panel of Wu). At M = 1 the
+// vnni kernel takes four panels at a time (micro_vnni4: four streams of W; measured ~1.2x one panel for int8).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -292,7 +293,22 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
     const int64_t tmax = kernel == Kernel::kAvx2 ? kAvx2T : kernel == Kernel::kScalar ? kScalarT : kVnniT;
     at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
       alignas(64) float c[kVnniT * kPanel], cu[kVnniT * kPanel];
-      for (int64_t p = p0; p < p1; ++p) {
+      int64_t p = p0;
+      if (kernel == Kernel::kVnni && M == 1) {  // decode: four panels (gate_up: two of Wg, two of Wu) at a time
+        const int64_t step = gate_up ? 2 : 4;
+        alignas(64) float c4[4 * kPanel];
+        for (; p + step <= p1; p += step) {
+          Panel ws[4];
+          for (int i = 0; i < 4; ++i) ws[i] = gate_up ? panel(i % 2, p + i / 2) : panel(0, p + i);
+          micro_vnni4(ws, act, 0, c4);
+          for (int64_t i = 0; i < step; ++i) {
+            const int64_t pi = p + i, width = pi < n_full ? kPanel : tail;
+            emit(c4 + (gate_up ? 2 * i : i) * kPanel, gate_up ? c4 + (2 * i + 1) * kPanel : nullptr, kPanel, 1,
+                 width, bp ? bp + pi * kPanel : nullptr, o + pi * kPanel, ldo);
+          }
+        }
+      }
+      for (; p < p1; ++p) {
         const Panel wg = panel(0, p);
         const Panel wu = gate_up ? panel(1, p) : wg;
         const int64_t width = p < n_full ? kPanel : tail;

@@ -94,6 +94,69 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
   for (int t = 0; t < T; ++t) _mm512_storeu_ps(c + t * kPanel, acc[t]);
 }
 
+// One token, four panels at once, their rows interleaved: four streams of W in flight (a single stream held a core
+// well below what the bf16 GEMM, four panels at a time, reads), one broadcast of x per row for all four.
+template <int BITS>
+SLF_VNNI void vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
+  constexpr int NP = 4;
+  const int64_t ng = w[0].K / w[0].G, nb = w[0].G / x.B, rows = x.B / 4, nblk = w[0].K / x.B;
+  const int8_t* xq = x.q + t0 * x.K;
+  const float* bs = x.bs + t0 * nblk;
+  const int32_t* bsum = x.bsum + t0 * nblk;
+  const float* gs = x.gs + t0 * ng;
+  const uint8_t* q[NP];
+  __m512 acc[NP];
+  for (int p = 0; p < NP; ++p) {
+    q[p] = w[p].q;
+    acc[p] = _mm512_setzero_ps();
+  }
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  const int zeff = w[0].zero + w[0].offset;
+  int64_t k = 0, b = 0;
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 s[NP];
+    for (int p = 0; p < NP; ++p) s[p] = _mm512_loadu_ps(w[p].s + g * kPanel);
+    for (int64_t bi = 0; bi < nb; ++bi, ++b) {
+      __m512i ia[NP];
+      for (int p = 0; p < NP; ++p) ia[p] = _mm512_setzero_si512();
+      if constexpr (BITS == 8) {
+        for (int64_t r = 0; r < rows; ++r, k += 4) {
+          const __m512i xb = _mm512_set1_epi32(load4(xq + k));
+          for (int p = 0; p < NP; ++p) {
+            ia[p] = _mm512_dpbusd_epi32(ia[p], _mm512_loadu_si512(q[p]), xb);
+            q[p] += 64;
+          }
+        }
+      } else {
+        for (int64_t r = 0; r < rows; r += 2, k += 8) {
+          const __m512i x0 = _mm512_set1_epi32(load4(xq + k)), x1 = _mm512_set1_epi32(load4(xq + k + 4));
+          for (int p = 0; p < NP; ++p) {
+            const __m512i v = _mm512_loadu_si512(q[p]);
+            q[p] += 64;
+            ia[p] = _mm512_dpbusd_epi32(ia[p], _mm512_and_si512(v, low4), x0);
+            ia[p] = _mm512_dpbusd_epi32(ia[p], _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), x1);
+          }
+        }
+      }
+      const __m512 sx = _mm512_set1_ps(bs[b]);
+      const __m512i corr = _mm512_set1_epi32(zeff * bsum[b]);
+      for (int p = 0; p < NP; ++p) {
+        const __m512i d = w[p].z ? ia[p] : _mm512_sub_epi32(ia[p], corr);
+        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s[p], sx), acc[p]);
+      }
+    }
+    if (w[0].z) {
+      for (int p = 0; p < NP; ++p) {
+        const __m128i z8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[p].z + g * kPanel));
+        const __m512 zf =
+            _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z8)), _mm512_set1_ps(float(w[p].offset)));
+        acc[p] = _mm512_fnmadd_ps(_mm512_mul_ps(zf, s[p]), _mm512_set1_ps(gs[g]), acc[p]);
+      }
+    }
+  }
+  for (int p = 0; p < NP; ++p) _mm512_storeu_ps(c + p * kPanel, acc[p]);
+}
+
 // acc[t][j] += dequant(u: 16 bytes j of the quad row) * x[t][k .. k + 4] (lanes: feature 4j + l / 4, k + l % 4).
 template <int T>
 SLF_VNNI inline void fp32_row(__m512i u, const __m512* sl, const __m512* ml, const float* const* xf, int64_t k,
@@ -177,6 +240,11 @@ void micro_vnni(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c) {
     case 3: return vnni<3, 4>(w, x, t0, c);
     default: return vnni<4, 4>(w, x, t0, c);
   }
+}
+
+void micro_vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
+  if (w[0].bits == 8) return vnni4<8>(w, x, t0, c);
+  return vnni4<4>(w, x, t0, c);
 }
 
 void micro_fp32_avx512(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c) {
