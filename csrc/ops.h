@@ -41,6 +41,12 @@ void gate_up_silu(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
 void pack_linear_weight(torch::Tensor& out, const torch::Tensor& weight, bool halves);
 std::string cpu_isa();
 
+// csrc/cpu/quant_linear.cpp: weight-only int8 / int4 on weights packed by ops/cpu_quant.py (layout in cpu/quant.h)
+void cpu_quant_linear(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
+                      const torch::Tensor& scales, const std::optional<torch::Tensor>& zeros,
+                      const std::optional<torch::Tensor>& bias, int64_t bits, int64_t group_size, bool gate_up);
+std::string cpu_quant_layout();
+
 // ---- CUDA (csrc/cuda/torch_wrappers.cu; only in builds with SLF_WITH_CUDA) ----
 #ifdef SLF_WITH_CUDA
 void layernorm_cuda(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight,

@@ -54,6 +54,14 @@ TORCH_LIBRARY(stablelm_fast, ops) {
   // The ISA the CPU kernels run with (csrc/cpu/isa.h): "amx", "avx512bf16", "avx2" or "scalar"; probed once,
   // capped by STABLELM_FAST_ISA.
   ops.def("cpu_isa() -> str", &cpu_isa);
+  // Weight-only int8 / int4 linear on weights packed by stablelm_fast/ops/cpu_quant.py (csrc/cpu/quant.h):
+  // out[M, N] = x @ dequant(W)^T (+ bias); gate_up: W = [Wg; Wu] packed apart, out[M, N / 2] = silu(x Wg^T) * (x Wu^T).
+  ops.def(
+      "cpu_quant_linear(Tensor! out, Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits, "
+      "int group_size, bool gate_up) -> ()");
+  ops.impl("cpu_quant_linear", torch::kCPU, &cpu_quant_linear);
+  // The int8 / int4 layout this process packs: "vnni" (AVX512-VNNI), "avx2" or "scalar".
+  ops.def("cpu_quant_layout() -> str", &cpu_quant_layout);
 #ifdef SLF_WITH_CUDA
   // CUDA kernels (csrc/cuda/); ops without a CUDA kernel fall back to the reference in ops/cuda_ops.py.
   ops.impl("layernorm", torch::kCUDA, &layernorm_cuda);

@@ -1,0 +1,112 @@
+// AVX2 micro-kernel of the int8 / int4 linear layers (layout in quant.h): int8 activations, one full panel of 16
+// features (two ymm halves of 8) x T <= 2 tokens over the whole K (16 ymm registers: 4 int32 + 4 fp32 accumulators).
+//   int8 (signed layout): per 32-byte half of a quad row, vpmaddubsw(|w|, sign(xq, w)) (|w| <= 128, so a pair of
+//        products never saturates int16) and vpmaddwd with ones into 8 int32 lanes (one per feature).
+//   int4: per 32-byte half, two nibble rows (mask, shift); vpmaddubsw(u4, xq) summed in int16 over the block (at
+//        most 8 of them per block of 32 k: |sum| <= 8 * 2 * 15 * 127 < 32768), one vpmaddwd per block.
+// Per block of B k the int32 sums -> fp32 x (sx * scale), as in quant_vnni.cpp.
+#include <cstring>
+
+#include <immintrin.h>
+
+#include "cpu/quant.h"
+
+#define SLF_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace slf::cpu::quant {
+namespace {
+
+constexpr int64_t kAhead = 1024;
+
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+template <int T, int BITS>
+SLF_AVX2 void avx2(const Panel& w, const Act& x, int64_t t0, float* c) {
+  const int64_t ng = w.K / w.G, nb = w.G / x.B, rows = x.B / 4, nblk = w.K / x.B;
+  const uint8_t* q = w.q;
+  const int8_t* xq[T];
+  const float *bs[T], *gs[T];
+  const int32_t* bsum[T];
+  __m256 acc[T][2];
+  for (int t = 0; t < T; ++t) {
+    xq[t] = x.q + (t0 + t) * x.K;
+    bs[t] = x.bs + (t0 + t) * nblk;
+    bsum[t] = x.bsum + (t0 + t) * nblk;
+    gs[t] = x.gs + (t0 + t) * ng;
+    acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  }
+  const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f);
+  const int zeff = w.zero + w.offset;
+  int64_t k = 0, b = 0;
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m256 s[2] = {_mm256_loadu_ps(w.s + g * kPanel), _mm256_loadu_ps(w.s + g * kPanel + 8)};
+    for (int64_t bi = 0; bi < nb; ++bi, ++b) {
+      __m256i ia[T][2];
+      if constexpr (BITS == 8) {
+        for (int t = 0; t < T; ++t) ia[t][0] = ia[t][1] = _mm256_setzero_si256();
+        for (int64_t r = 0; r < rows; ++r, q += 64, k += 4) {
+          _mm_prefetch(reinterpret_cast<const char*>(q + kAhead), _MM_HINT_T0);
+          for (int h = 0; h < 2; ++h) {
+            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * h));
+            const __m256i aw = _mm256_abs_epi8(wv);
+            for (int t = 0; t < T; ++t) {
+              const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_set1_epi32(load4(xq[t] + k)), wv));
+              ia[t][h] = _mm256_add_epi32(ia[t][h], _mm256_madd_epi16(p, ones));
+            }
+          }
+        }
+      } else {
+        __m256i p16[T][2];
+        for (int t = 0; t < T; ++t) p16[t][0] = p16[t][1] = _mm256_setzero_si256();
+        for (int64_t r = 0; r < rows; r += 2, q += 64, k += 8) {
+          _mm_prefetch(reinterpret_cast<const char*>(q + kAhead), _MM_HINT_T0);
+          for (int h = 0; h < 2; ++h) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * h));
+            const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            for (int t = 0; t < T; ++t) {
+              const __m256i a = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(xq[t] + k)));
+              const __m256i bb = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(xq[t] + k + 4)));
+              p16[t][h] = _mm256_add_epi16(p16[t][h], _mm256_add_epi16(a, bb));
+            }
+          }
+        }
+        for (int t = 0; t < T; ++t)
+          for (int h = 0; h < 2; ++h) ia[t][h] = _mm256_madd_epi16(p16[t][h], ones);
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m256i corr = _mm256_set1_epi32(zeff * bsum[t][b]);
+        const __m256 sx = _mm256_set1_ps(bs[t][b]);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i d = w.z ? ia[t][h] : _mm256_sub_epi32(ia[t][h], corr);
+          acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s[h], sx), acc[t][h]);
+        }
+      }
+    }
+    if (w.z) {
+      for (int h = 0; h < 2; ++h) {
+        const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.z + g * kPanel + 8 * h));
+        const __m256 zf = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z8)), _mm256_set1_ps(float(w.offset)));
+        const __m256 m = _mm256_mul_ps(zf, s[h]);
+        for (int t = 0; t < T; ++t) acc[t][h] = _mm256_fnmadd_ps(m, _mm256_set1_ps(gs[t][g]), acc[t][h]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    _mm256_storeu_ps(c + t * kPanel, acc[t][0]);
+    _mm256_storeu_ps(c + t * kPanel + 8, acc[t][1]);
+  }
+}
+
+}  // namespace
+
+void micro_avx2(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c) {
+  TORCH_CHECK(T >= 1 && T <= kAvx2T, "micro_avx2: T out of range");
+  if (w.bits == 8) return T == 1 ? avx2<1, 8>(w, x, t0, c) : avx2<2, 8>(w, x, t0, c);
+  return T == 1 ? avx2<1, 4>(w, x, t0, c) : avx2<2, 4>(w, x, t0, c);
+}
+
+}  // namespace slf::cpu::quant

@@ -1,0 +1,141 @@
+"""The `cpu` backend's weight-only int8 / int4 linear layers: load-time packing and the C++ kernels
+(torch.ops.stablelm_fast.cpu_quant_linear, csrc/cpu/quant_*.cpp) that read the packed weights in place.
+
+`pack_quant_weight` turns the canonical form (ops/quant_reference.py) into the layout of csrc/cpu/quant.h, chosen
+once per process from the ISA (`quant_layout()`: "vnni" with AVX512-VNNI, else "avx2", or "scalar"; capped by
+STABLELM_FAST_ISA like every CPU kernel): panels of 16 output features, 4 bytes of k per feature side by side (the
+operand of vpdpbusd / vpmaddubsw); int8 stored + 128 as uint8 for vpdpbusd ("vnni"), signed for vpmaddubsw's sign
+trick ("avx2", "scalar"); int4 as two nibbles per byte, k and k + 4. A packed qweight is 3-D ([N, R, 4]), scales and
+zeros keep their canonical shapes. Weights the kernels do not take (group size not a multiple of 4 for int8 / 8 for
+int4, not on the CPU) stay canonical, and quant_linear / quant_gate_up_silu run the reference on them.
+
+The kernels quantize x to int8 per block of 32 k (decode, and every M on AVX2 or for fp32 / fp16 x), as llama.cpp
+does for its Q8_0 / Q4_0 dot products; bf16 x above 4 tokens on AVX512-BF16 machines goes through dequantized bf16
+blocks instead (csrc/cpu/quant_linear.cpp). `activation_error_bound` is the bound on what quantizing x adds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import stablelm_fast._C  # noqa: F401  (registers torch.ops.stablelm_fast)
+from stablelm_fast.ops import quant_reference as qref
+
+_ops = torch.ops.stablelm_fast
+_PANEL = 16
+_LAYOUT = _ops.cpu_quant_layout()
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def quant_layout() -> str:
+    """The layout this process packs int8 / int4 weights into: "vnni", "avx2" or "scalar"."""
+    return _LAYOUT
+
+
+def act_block(group_size: int) -> int:
+    """k per int8 block of x in the int-activation kernels: the largest of 32, 16, 8, 4 dividing the group size."""
+    return next(b for b in (32, 16, 8, 4) if group_size % b == 0)
+
+
+def activation_error_bound(x: torch.Tensor, weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[M, N]: the most that quantizing x to int8 (round to nearest, per block of B = act_block(group_size) k, scale
+    max|x_block| / 127) can move x @ weight^T: |x - x_q| <= scale / 2 element-wise, so the error of y[m, n] is at most
+    sum over blocks b of scale[m, b] / 2 * sum_{k in b} |W[n, k]|. weight: the dequantized [N, K] (fp32)."""
+    m, k = x.shape
+    b = act_block(group_size)
+    half_scale = x.float().abs().view(m, k // b, b).amax(-1) / 127 / 2  # [M, K / B]
+    wabs = weight.float().abs().view(weight.shape[0], k // b, b).sum(-1)  # [N, K / B]
+    return half_scale @ wabs.t()
+
+
+def _panel_order(a: torch.Tensor) -> torch.Tensor:
+    """[n, R, C] rows of features -> the same elements in panel order (quant.h): full panels [R][16][C], then the
+    tail [R][n % 16][C]; returned with a's shape."""
+    n = a.shape[0]
+    full = n - n % _PANEL
+    parts = [a[:full].reshape(full // _PANEL, _PANEL, *a.shape[1:]).permute(0, 2, 1, 3).reshape(-1)]
+    if full < n:
+        parts.append(a[full:].permute(1, 0, 2).reshape(-1))
+    return torch.cat(parts).view(a.shape)
+
+
+def _pack_one(qweight, scales, zeros, bits: int, group_size: int):
+    n = qweight.shape[0]
+    if bits == 8:
+        quads = qweight.view(n, -1, 4)
+        if _LAYOUT == "vnni":
+            quads = (quads.to(torch.int16) + 128).to(torch.uint8)
+    else:
+        u = qref.unpack_int4(qweight).view(n, -1, 2, 4)
+        quads = u[:, :, 0] | (u[:, :, 1] << 4)
+    packed_q = _panel_order(quads.contiguous())
+    packed_s = _panel_order(scales.float().contiguous().unsqueeze(-1)).view(scales.shape)
+    packed_z = None if zeros is None else _panel_order(zeros.contiguous().unsqueeze(-1)).view(zeros.shape)
+    return packed_q, packed_s, packed_z
+
+
+def pack_quant_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                      group_size: int, halves: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Canonical (qweight, scales, zeros) -> this process's layout (module docstring). halves: a gate_up weight
+    [Wg; Wu] whose halves are packed apart."""
+    n = qweight.shape[0]
+    k = qweight.shape[1] * (2 if bits == 4 else 1)
+    qref.check_quant_args(bits, group_size, k)
+    if scales.shape != (n, k // group_size) or (zeros is not None and zeros.shape != scales.shape):
+        raise ValueError(f"scales / zeros must be [N, K / group_size] = [{n}, {k // group_size}], got "
+                         f"{tuple(scales.shape)} / {None if zeros is None else tuple(zeros.shape)}")
+    if halves and n % 2:
+        raise ValueError(f"a gate_up weight (halves=True) needs an even number of rows, got {n}")
+    if (qweight.device.type != "cpu" or qweight.dim() != 2 or group_size % (4 if bits == 8 else 8)
+            or qweight.dtype != (torch.int8 if bits == 8 else torch.uint8)):
+        return qweight, scales, zeros
+    zeros = None if zeros is None else zeros.to(torch.uint8)
+    if not halves:
+        return _pack_one(qweight, scales, zeros, bits, group_size)
+    h = n // 2
+    parts = [_pack_one(qweight[i * h:(i + 1) * h], scales[i * h:(i + 1) * h],
+                       None if zeros is None else zeros[i * h:(i + 1) * h], bits, group_size) for i in range(2)]
+    return (torch.cat([parts[0][0], parts[1][0]]), torch.cat([parts[0][1], parts[1][1]]),
+            None if zeros is None else torch.cat([parts[0][2], parts[1][2]]))
+
+
+def _run(x, qweight, scales, zeros, bias, bits, group_size, gate_up: bool) -> torch.Tensor:
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    k = qweight.shape[1] * qweight.shape[2] * (2 if bits == 4 else 1)
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features but the packed weight takes K = {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n_out = qweight.shape[0] // 2 if gate_up else qweight.shape[0]
+    out = torch.empty(x2.shape[0], n_out, dtype=x.dtype)
+    _ops.cpu_quant_linear(out, x2, qweight, scales, zeros, bias, bits, group_size, gate_up)
+    return out.view(*lead, n_out)
+
+
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
+    """x: [..., K]; a weight packed by pack_quant_weight (or canonical: the reference) -> [..., N]."""
+    if qweight.dim() != 3:
+        return qref.quant_linear(x, qweight, scales, zeros, bias, bits, group_size)
+    return _run(x, qweight, scales, zeros, bias, bits, group_size, False)
+
+
+def quant_gate_up_silu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                       bits: int, group_size: int) -> torch.Tensor:
+    """x: [..., H]; [Wg; Wu] packed with halves=True (or canonical) -> silu(x Wg^T) * (x Wu^T): [..., I]."""
+    if qweight.dim() != 3:
+        return qref.quant_gate_up_silu(x, qweight, scales, zeros, bits, group_size)
+    return _run(x, qweight, scales, zeros, None, bits, group_size, True)
+
+
+def _register_fake() -> None:
+    try:
+        torch.library.register_fake("stablelm_fast::cpu_quant_linear")(lambda *args, **kwargs: None)
+    except RuntimeError:  # already registered (module re-imported)
+        pass
+
+
+_register_fake()

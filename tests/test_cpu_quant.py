@@ -1,0 +1,220 @@
+"""The CPU int8 / int4 linear layers (ops/cpu_quant.py, csrc/cpu/quant_*.cpp): the packed layout, each kernel
+against the reference to float precision (the int-activation kernels against the reference on x quantized as they
+quantize it), the error bound the op tests use, opcheck, bad input; and each lower ISA, and brgemm forced, in a
+subprocess (test_other_paths)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stablelm_fast.ops import cpu_linear, cpu_quant, cpu_ops
+from stablelm_fast.ops import quant_reference as qref
+
+ops = torch.ops.stablelm_fast
+LAYOUT = cpu_quant.quant_layout()
+ISA = cpu_linear.cpu_isa()
+HERE = os.path.dirname(os.path.abspath(__file__))
+# (bits, group_size, symmetric); group_size None: per channel (G = K)
+MODES = [(8, None, True), (8, 32, True), (8, 12, True), (8, 48, True), (4, 32, True), (4, 64, False), (4, 128, True),
+         (4, 16, False), (4, 24, True)]
+
+
+def _weights(n, k, bits, g, symmetric, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) / math.sqrt(k)
+    g = k if g is None else g
+    qw, s, z = qref.quantize_weight(w, bits, g, symmetric)
+    return qw, s, z, g
+
+
+def _unpack(pq: torch.Tensor) -> torch.Tensor:
+    """One packed matrix [N, R, C] -> per-feature rows [N, R, C] (the inverse of the panel order)."""
+    n, r, c = pq.shape
+    flat, out, off = pq.reshape(-1), [], 0
+    for p0 in range(0, n, 16):
+        width = min(16, n - p0)
+        out.append(flat[off:off + r * width * c].view(r, width, c).permute(1, 0, 2))
+        off += r * width * c
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n", [16, 37])
+def test_packed_layout(bits, n):
+    k, g = 64, 32
+    qw, s, z = qref.quantize_weight(torch.randn(n, k), bits, g, symmetric=bits == 8)
+    pq, ps, pz = cpu_quant.pack_quant_weight(qw, s, z, bits, g)
+    quads = _unpack(pq)
+    if bits == 8:
+        assert pq.dtype == (torch.uint8 if LAYOUT == "vnni" else torch.int8)
+        got = (quads.to(torch.int16) - (128 if LAYOUT == "vnni" else 0)).view(n, k)
+        assert torch.equal(got.to(torch.int8), qw)
+    else:  # byte i of row r: k = 8r + i low nibble, 8r + 4 + i high nibble
+        u = torch.stack([quads & 15, quads >> 4], dim=2).reshape(n, k)
+        assert torch.equal(u, qref.unpack_int4(qw))
+    assert torch.equal(_unpack(ps.view(n, -1, 1).contiguous()).reshape(n, -1), s)
+    if pz is not None:
+        assert torch.equal(_unpack(pz.view(n, -1, 1).contiguous()).reshape(n, -1), z)
+
+
+def _quantized_x(x: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as the int-activation kernels see it (int8 per block of act_block(g), scale max|x| / 127, fp32 math), and
+    the weight each element of x may carry in the error: its scale where x / scale is within 1e-4 of a rounding
+    tie (the kernel's fp32 1 / scale can land on the other side of it), else 0."""
+    m, k = x.shape
+    b = cpu_quant.act_block(g)
+    xb = x.float().view(m, k // b, b)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    v = xb * inv
+    tie = ((v - v.floor()) - 0.5).abs() < 1e-4
+    sx = (amax / 127).expand_as(xb)
+    return (torch.round(v) * (amax / 127)).view(m, k), torch.where(tie, sx, torch.zeros_like(sx)).view(m, k)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", MODES)
+@pytest.mark.parametrize("m", [1, 3, 7, 83])
+@pytest.mark.parametrize("n", [40, 64])
+def test_int_kernels_exact_on_quantized_x(bits, group_size, symmetric, m, n):
+    """fp32 x takes the int-activation kernels (vnni / avx2) at every M: equal to the reference run on x quantized
+    the same way, to fp32 accumulation-order precision."""
+    if LAYOUT == "scalar":
+        pytest.skip("the scalar kernel does not quantize x (test_scalar_and_dequant_kernels_exact covers it)")
+    if os.environ.get("STABLELM_FAST_QGEMM", "auto") not in ("auto", "int"):
+        pytest.skip("a forced dequantizing kernel: covered by test_scalar_and_dequant_kernels_exact")
+    k = 384
+    qw, s, z, g = _weights(n, k, bits, group_size, symmetric, seed=m + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1000 + m))
+    b = torch.randn(n)
+    packed = cpu_quant.pack_quant_weight(qw, s, z, bits, g)
+    got = cpu_quant.quant_linear(x, *packed, b, bits, g)
+    xq, tie = _quantized_x(x, g)
+    expected = qref.quant_linear(xq, qw, s, z, b, bits, g)
+    w = qref.dequantize_weight(qw, s, z, bits, g)
+    allowed = 2e-5 * (1 + expected.abs()) + tie @ w.abs().t()
+    assert ((got - expected).abs() <= allowed).all(), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", MODES)
+@pytest.mark.parametrize("m", [1, 5, 70])
+def test_scalar_and_dequant_kernels_exact(bits, group_size, symmetric, m, monkeypatch):
+    """The kernels that do not quantize x (scalar; fp32 and bf16 dequantization on AVX512) against the reference:
+    fp32 to accumulation-order precision; bf16 within its roundings (each weight to bf16: 2^-9 |x| |w| per term;
+    the output: 2^-8 |y|)."""
+    if LAYOUT == "vnni":
+        kernels = [("fp32", torch.float32), ("bf16", torch.bfloat16)]
+    elif LAYOUT == "scalar":
+        kernels = [("auto", torch.float32)]
+    else:
+        pytest.skip("AVX2 runs the int-activation kernel only (test_int_kernels_exact_on_quantized_x)")
+    k, n = 384, 37
+    qw, s, z, g = _weights(n, k, bits, group_size, symmetric, seed=m)
+    qg, sg, zg, _ = _weights(2 * n, k, bits, group_size, symmetric, seed=m + 1)
+    packed = cpu_quant.pack_quant_weight(qw, s, z, bits, g)
+    gu = cpu_quant.pack_quant_weight(qg, sg, zg, bits, g, halves=True)
+    w = qref.dequantize_weight(qw, s, z, bits, g)
+
+    def check(got, expected, xw_abs, dtype):
+        if dtype == torch.float32:
+            allowed = 2e-5 * (1 + expected.abs())
+        else:
+            allowed = 2**-9 * xw_abs + 2**-8 * expected.abs() + 1e-5
+        assert ((got.float() - expected).abs() <= allowed).all(), (got.float() - expected).abs().max()
+
+    for kernel, dtype in kernels:
+        monkeypatch.setenv("STABLELM_FAST_QGEMM", kernel)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(1000 + m)).to(dtype)
+        check(cpu_quant.quant_linear(x, *packed, None, bits, g), qref.quant_linear(x.float(), qw, s, z, None, bits, g),
+              x.float().abs() @ w.abs().t(), dtype)
+        if dtype == torch.float32:  # gate_up's own epilogue (silu(gate) * up): fp32 only, the bf16 bound is above
+            torch.testing.assert_close(cpu_quant.quant_gate_up_silu(x, *gu, bits, g),
+                                       qref.quant_gate_up_silu(x, qg, sg, zg, bits, g), atol=2e-5, rtol=2e-5)
+
+
+def test_activation_error_bound_holds_and_is_not_vacuous():
+    """The bound the op tests add for the cpu backend holds for x quantized as the kernels do, and is within 10x of
+    the largest error seen (so it does not hide a wrong result of the size of y)."""
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))
+    qw, s, z, g = _weights(48, 256, 4, 32, True)
+    w = qref.dequantize_weight(qw, s, z, 4, g)
+    err = (_quantized_x(x, g)[0] @ w.t() - x @ w.t()).abs()
+    bound = cpu_quant.activation_error_bound(x, w, g)
+    assert (err <= bound + 1e-6).all()
+    assert bound.max() < 10 * err.max() and bound.max() < 0.1 * (x @ w.t()).abs().max()
+
+
+def test_cpu_ops_exports_the_quant_ops():
+    assert cpu_ops.quant_linear is cpu_quant.quant_linear
+    assert cpu_ops.pack_quant_weight is cpu_quant.pack_quant_weight
+    assert cpu_ops.quant_gate_up_silu is cpu_quant.quant_gate_up_silu
+
+
+def test_unpackable_weights_stay_canonical_and_run_the_reference():
+    qw, s, z = qref.quantize_weight(torch.randn(8, 24), 4, 12)  # int4 group 12: not a multiple of 8
+    packed = cpu_quant.pack_quant_weight(qw, s, z, 4, 12)
+    assert packed[0] is qw
+    x = torch.randn(2, 24)
+    torch.testing.assert_close(cpu_quant.quant_linear(x, *packed, None, 4, 12),
+                               qref.quant_linear(x, qw, s, z, None, 4, 12))
+
+
+def test_bad_inputs_are_rejected():
+    qw, s, z = qref.quantize_weight(torch.randn(32, 64), 4, 32)
+    packed = cpu_quant.pack_quant_weight(qw, s, z, 4, 32)
+    with pytest.raises(ValueError, match="K = 64"):
+        cpu_quant.quant_linear(torch.randn(3, 62), *packed, None, 4, 32)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        cpu_quant.quant_linear(torch.randn(3, 64).double(), *packed, None, 4, 32)
+    with pytest.raises(ValueError, match="group_size"):
+        cpu_quant.pack_quant_weight(qw, s, z, 4, 48)
+    with pytest.raises(ValueError, match="even number of rows"):
+        cpu_quant.pack_quant_weight(qw[:31], s[:31], None, 4, 32, halves=True)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        ops.cpu_quant_linear(torch.empty(3, 32), torch.randn(3, 64), packed[0], s[:, :1].contiguous(), None, None,
+                             4, 32, False)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.cpu_quant_linear(torch.empty(3, 32), torch.randn(3, 64), *packed, torch.randn(31), 4, 32, False)
+
+
+def test_opcheck():
+    for bits, g, symmetric in [(8, 64, True), (4, 32, False)]:
+        qw, s, z, g = _weights(24, 64, bits, g, symmetric)
+        pq, ps, pz = cpu_quant.pack_quant_weight(qw, s, z, bits, g)
+        x = torch.randn(3, 64)
+        torch.library.opcheck(ops.cpu_quant_linear.default,
+                              (torch.empty(3, 24), x, pq, ps, pz, torch.randn(24), bits, g, False))
+        torch.library.opcheck(ops.cpu_quant_linear.default,
+                              (torch.empty(3, 12), x, pq, ps, pz, None, bits, g, True))
+
+
+@pytest.mark.parametrize("var,value", [("STABLELM_FAST_ISA", "scalar"), ("STABLELM_FAST_ISA", "avx2"),
+                                       ("STABLELM_FAST_BRGEMM", "1")], ids=["scalar", "avx2", "brgemm"])
+def test_other_paths(var, value):
+    """Re-runs this file in a subprocess with a lower ISA (STABLELM_FAST_ISA: the avx2 layout and kernel, the scalar
+    one), or this file and the cpu cases of tests/ops/test_op_quant_linear.py with STABLELM_FAST_BRGEMM=1 (bf16 x
+    through dequantized bf16 blocks and oneDNN's brgemm at every M: what AMX machines run above 4 tokens). The AVX-512
+    kernels auto does not pick run in-process above, through STABLELM_FAST_QGEMM."""
+    if os.environ.get("STABLELM_FAST_ISA") or os.environ.get("STABLELM_FAST_BRGEMM"):
+        pytest.skip("already in a subprocess with a forced path")
+    order = ["scalar", "avx2", "avx512bf16", "amx"]
+    if var == "STABLELM_FAST_ISA" and order.index(value) >= order.index(ISA):
+        pytest.skip(f"{value} is not below this process's ISA ({ISA}): the tests above ran it")
+    if var == "STABLELM_FAST_BRGEMM" and LAYOUT != "vnni":
+        pytest.skip(f"the brgemm path runs where the vnni layout does; this process packs for {LAYOUT}")
+    env = dict(os.environ, **{var: value})
+    env.pop("STABLELM_FAST_QGEMM", None)
+    # NOTE: under a lower ISA the op test's cpu cases are re-run by tests/ops/test_op_lower_isas.py (on main).
+    files = [__file__]
+    if var == "STABLELM_FAST_BRGEMM":
+        files.append(os.path.join(HERE, "ops", "test_op_quant_linear.py"))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
+           "-k", "cpu and not other_paths"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(HERE))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert " passed" in res.stdout
