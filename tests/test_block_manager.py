@@ -103,3 +103,19 @@ def test_reset_prefix_cache_forgets_published_blocks():
     sched.finish(a)
     assert len(bm.empty) == 4 and not bm.evictable
     bm.check_invariants([])
+
+
+
+def test_lowest_free_block_first():
+    """The lowest free block id is taken first: a cache committed as written stays as resident as its peak use."""
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    seqs = [Sequence(r, 0, list(range(8)), SamplingParams(), None, 0.0) for r in "abc"]
+    for seq in seqs:
+        bm.admit(seq, [])
+        bm.grow(seq, 8)
+    assert [s.block_table for s in seqs] == [[0, 1], [2, 3], [4, 5]]
+    bm.free(seqs[0])
+    d = Sequence("d", 0, list(range(8)), SamplingParams(), None, 0.0)
+    bm.admit(d, [])
+    bm.grow(d, 8)
+    assert sorted(d.block_table) == [0, 1]  # the freed blocks again, not the untouched 6 and 7

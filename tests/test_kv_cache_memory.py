@@ -29,17 +29,18 @@ def _blocks(monkeypatch, available: int, device=CPU, max_model_len=4096, max_num
     return kv_cache.default_num_blocks(BLOCK_1_6B, 16, max_model_len, max_num_seqs, device, gb)
 
 
-def test_cpu_default_is_two_full_length_sequences(monkeypatch):
-    # plenty of RAM: 2 x 4096 tokens (1.5 GiB for the 1.6B), not 30% of the machine
-    assert _blocks(monkeypatch, 64 * GIB) == 2 * 4096 // 16
-    assert _blocks(monkeypatch, 64 * GIB, max_model_len=1000) == 2 * 63  # ceil(1000 / 16) blocks per sequence
+def test_cpu_default_is_a_few_gib(monkeypatch):
+    # plenty of RAM: DEFAULT_CPU_KV_GIB (committed as used), not 30% of the machine
+    four_gib = int(kv_cache.DEFAULT_CPU_KV_GIB * GIB) // BLOCK_1_6B
+    assert _blocks(monkeypatch, 64 * GIB) == four_gib
+    assert _blocks(monkeypatch, 64 * GIB, max_model_len=1000, max_num_seqs=3) == 3 * 63  # ceil(1000 / 16) per seq
     assert _blocks(monkeypatch, 64 * GIB, max_num_seqs=1) == 4096 // 16  # never more than max_num_seqs need
 
 
 def test_cpu_default_caps(monkeypatch):
     # a small box: 30% of the available RAM
     assert _blocks(monkeypatch, 2 * GIB) == int(2 * GIB * 0.3) // BLOCK_1_6B
-    # long contexts: at most DEFAULT_CPU_KV_GIB (2 x 32768 tokens would be 12 GiB)
+    # long contexts: at most DEFAULT_CPU_KV_GIB
     assert _blocks(monkeypatch, 256 * GIB, max_model_len=32768) == int(kv_cache.DEFAULT_CPU_KV_GIB * GIB) // BLOCK_1_6B
     assert _blocks(monkeypatch, 1000) == 1  # never zero blocks
 
@@ -61,8 +62,8 @@ def test_load_logs_size_and_capacity(tiny_model, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("KV cache:")]
     assert len(lines) == 1, caplog.text
     blocks = llm.engine.block_manager.num_blocks
-    assert blocks == 2 * 128 // 8  # the CPU default: two sequences of max_model_len
-    assert f"{blocks} blocks x 8 tokens = {blocks * 8} tokens (2.0 x max_model_len 128)" in lines[0]
+    assert blocks == 256 * 128 // 8  # the CPU default: what max_num_seqs (256) sequences of max_model_len need
+    assert f"{blocks} blocks x 8 tokens = {blocks * 8} tokens (256.0 x max_model_len 128)" in lines[0]
     assert "committed as used" in lines[0]
 
 

@@ -8,7 +8,8 @@ stored token ids before it is reused. Evictable blocks are recycled, oldest firs
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import heapq
+from collections import OrderedDict
 
 from stablelm_fast.engine.sequence import Sequence
 
@@ -34,7 +35,9 @@ class BlockManager:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.empty: deque[int] = deque(range(num_blocks))
+        # NOTE: a min-heap: the lowest free block id is taken first, so a cache whose pages are committed as they are
+        # first written (CPU, engine/kv_cache.py) stays as resident as its peak use, not its size.
+        self.empty: list[int] = list(range(num_blocks))
         self.evictable: OrderedDict[int, None] = OrderedDict()  # free blocks with reusable K/V, LRU first
         self.hash_to_block: dict[int, int] = {}
         self.num_hit_blocks = 0  # prefix-cache hits since start (blocks reused at admission)
@@ -54,7 +57,7 @@ class BlockManager:
 
     def _take(self) -> int:
         if self.empty:
-            block_id = self.empty.popleft()
+            block_id = heapq.heappop(self.empty)
         else:
             block_id, _ = self.evictable.popitem(last=False)  # evict the least recently used
             block = self.blocks[block_id]
@@ -137,7 +140,7 @@ class BlockManager:
                     self.evictable[block_id] = None
                 else:
                     block.hash, block.token_ids = None, ()
-                    self.empty.append(block_id)
+                    heapq.heappush(self.empty, block_id)
         seq.block_table = []
 
     def reset_prefix_cache(self) -> None:
@@ -147,7 +150,7 @@ class BlockManager:
             block.hash, block.token_ids = None, ()
         while self.evictable:
             block_id, _ = self.evictable.popitem(last=False)
-            self.empty.append(block_id)
+            heapq.heappush(self.empty, block_id)
 
     # ---- invariants (tests) --------------------------------------------------------------------------------------
 

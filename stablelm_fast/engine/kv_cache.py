@@ -1,10 +1,12 @@
 """KV-cache sizing (how many blocks), its allocation, and the one line the engine logs about it at load.
 
 Default size, when neither num_kv_blocks nor kv_cache_memory_gb is given:
-  * CPU: what is asked for, DEFAULT_CPU_SEQS sequences of max_model_len tokens (fewer if max_num_seqs is smaller),
-    at most DEFAULT_CPU_KV_GIB and CPU_RAM_FRACTION of the available RAM (like vLLM's CPU backend, whose
-    VLLM_CPU_KVCACHE_SPACE is a few GiB, not a share of the machine). StableLM-2-1.6B at 4096 tokens: 2 x 768 MiB.
-    More concurrency or longer contexts: kv_cache_memory_gb / num_kv_blocks.
+  * CPU: DEFAULT_CPU_KV_GIB (like vLLM's CPU backend, whose VLLM_CPU_KVCACHE_SPACE is a few GiB, not a share of
+    the machine), at most CPU_RAM_FRACTION of the available RAM and what max_num_seqs full-length sequences need.
+    Its pages are committed as they are written and the block manager takes the lowest free block first, so the
+    resident part follows the peak use, not the size: one 4096-token sequence of StableLM-2-1.6B commits 768 MiB.
+    (An earlier default of 2 x max_model_len tokens made 32 concurrent requests preempt each other: 0.59x HF's
+    throughput in bench/compare.py.) Less or more: kv_cache_memory_gb / num_kv_blocks.
   * CUDA: GPU_MEMORY_FRACTION of the free device memory after the model is loaded (as vLLM does), never more than
     max_num_seqs full-length sequences need.
 STABLELM_FAST_KV_FRACTION overrides the RAM / device-memory fraction.
@@ -25,7 +27,6 @@ import torch
 
 logger = logging.getLogger("stablelm_fast.engine")
 
-DEFAULT_CPU_SEQS = 2  # full-length sequences the default CPU cache holds
 DEFAULT_CPU_KV_GIB = 4.0
 CPU_RAM_FRACTION = 0.3
 GPU_MEMORY_FRACTION = 0.9
@@ -60,7 +61,6 @@ def default_num_blocks(runner_bytes_per_block: int, block_size: int, max_model_l
     budget = int(available_memory_bytes(device) * fraction)
     if device.type == "cpu":
         budget = min(budget, int(DEFAULT_CPU_KV_GIB * (1 << 30)))
-        needed = min(needed, DEFAULT_CPU_SEQS * blocks_per_seq)
     return max(1, min(budget // runner_bytes_per_block, needed))
 
 
