@@ -10,24 +10,10 @@ import shutil
 import pytest
 import torch
 
-from stablelm_fast import LLM, SamplingParams
+from stablelm_fast import LLM
 from tests.quant_checkpoint_writers import write_prequantized
 
-BUILTIN = os.path.join(os.path.dirname(os.path.dirname(__file__)), "stablelm_fast", "assets", "stablelm-pystdlib-4m")
-PROMPTS = [{"prompt_token_ids": list(range(40, 71))}, {"prompt_token_ids": [7, 300, 21, 9, 1200, 5, 88, 17]}]
-PARAMS = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1, ignore_eos=True)
-KW = dict(dtype="float32", backend="torch", num_kv_blocks=32)
-
-
-def _run(model_dir: str, **kw):
-    llm = LLM(model_dir, **KW, **kw)
-    try:
-        outs = llm.generate(PROMPTS, PARAMS)
-    finally:
-        llm.shutdown()
-    lps = [torch.tensor([lp[t] for lp, t in zip(o.prompt_logprobs[1:], p["prompt_token_ids"][1:])])
-           for o, p in zip(outs, PROMPTS)]
-    return [o.outputs[0].token_ids for o in outs], lps
+from tests.quant_run import BUILTIN, KW, run_engine as _run
 
 
 # NOTE: GPTQ without act-order, asymmetric, is the tensor-parallel test's checkpoint below

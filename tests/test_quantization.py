@@ -11,26 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stablelm_fast import LLM, SamplingParams
+from stablelm_fast import LLM
 from stablelm_fast.ops.quant_reference import dequantize_weight, quantize_weight
 from stablelm_fast.quantization import QuantConfig, resolve_quant_config
 
-BUILTIN = os.path.join(os.path.dirname(os.path.dirname(__file__)), "stablelm_fast", "assets", "stablelm-pystdlib-4m")
-PROMPTS = [{"prompt_token_ids": list(range(40, 71))}, {"prompt_token_ids": [7, 300, 21, 9, 1200, 5, 88, 17]}]
-PARAMS = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1, ignore_eos=True)
-KW = dict(dtype="float32", backend="torch", num_kv_blocks=32)
+from tests.quant_run import BUILTIN, KW, run_engine as _run
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _run(model_dir: str, **kw):
-    llm = LLM(model_dir, **KW, **kw)
-    try:
-        outs = llm.generate(PROMPTS, PARAMS)
-    finally:
-        llm.shutdown()
-    lps = [torch.tensor([lp[t] for lp, t in zip(o.prompt_logprobs[1:], p["prompt_token_ids"][1:])])
-           for o, p in zip(outs, PROMPTS)]
-    return [o.outputs[0].token_ids for o in outs], lps
 
 
 def _dequantized_copy(out: str, bits: int, group: int, sym: bool, lm_head: bool) -> str:
