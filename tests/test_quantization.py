@@ -19,8 +19,9 @@ from tests.quant_run import BUILTIN, KW, run_engine as _run
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _dequantized_copy(out: str, bits: int, group: int, sym: bool, lm_head: bool) -> str:
-    """The built-in model with every quantized weight replaced by dequantize(quantize_weight(W)), in fp32."""
+def _dequantized_copy(out: str, bits: int, group: int, sym: bool, lm_head: bool | str) -> str:
+    """The built-in model with every quantized weight replaced by dequantize(quantize_weight(W)), in fp32 (lm_head:
+    as quantization_config's: "int8" per output channel, True as the others, False kept)."""
     os.makedirs(out)
     for f in os.listdir(BUILTIN):
         if not f.endswith(".safetensors") and os.path.isfile(os.path.join(BUILTIN, f)):
@@ -28,9 +29,13 @@ def _dequantized_copy(out: str, bits: int, group: int, sym: bool, lm_head: bool)
     tensors = load_file(os.path.join(BUILTIN, "model.safetensors"))
     for name, t in tensors.items():
         parts = name.split(".")
-        if (name.endswith(".weight") and parts[-2] in LINEAR) or (lm_head and name == "lm_head.weight"):
-            g = t.shape[1] if group == -1 else group
-            tensors[name] = dequantize_weight(*quantize_weight(t, bits, g, sym), bits, g)
+        scheme = (bits, group, sym) if name.endswith(".weight") and parts[-2] in LINEAR else None
+        if name == "lm_head.weight" and lm_head:
+            scheme = (8, -1, True) if lm_head == "int8" else (bits, group, sym)
+        if scheme is not None:
+            b, g, sy = scheme
+            g = t.shape[1] if g == -1 else g
+            tensors[name] = dequantize_weight(*quantize_weight(t, b, g, sy), b, g)
     save_file(tensors, os.path.join(out, "model.safetensors"))
     return out
 
@@ -50,7 +55,7 @@ def test_quantized_at_load_runs_the_reference_quantizer_weights(tmp_path):
 def test_int4_under_tensor_parallelism(tmp_path):
     """Column-parallel shards quantize their rows, row-parallel ones their K slice (192 = 3 groups of 64 here):
     the same groups as TP=1, so the same weights."""
-    ref = _dequantized_copy(str(tmp_path / "ref"), 4, 64, False, False)
+    ref = _dequantized_copy(str(tmp_path / "ref"), 4, 64, False, "int8")
     tokens, lps = _run(BUILTIN, tensor_parallel_size=2, quantization="int4", quantization_config={"group_size": 64})
     want_tokens, want_lps = _run(ref)
     assert tokens == want_tokens
@@ -70,7 +75,12 @@ def test_resident_weights_are_the_quantized_ones():
         assert full == [], layer.prefix  # no full-precision copy of the weight is kept
         assert layer.w_q.dtype == torch.uint8 and layer.w_q.numel() == layer.out_features * layer.in_features // 2
         assert layer.w_zeros is not None and layer.w_group == 128  # the int4 default: groups of 128, zero points
-    assert model.lm_head.weight.dtype == torch.float32  # lm_head unquantized by default
+    head = model.lm_head  # int8 per output channel by default, whatever the other layers' scheme
+    assert not hasattr(head, "weight") and head.linear_method.bits == 8 and head.w_zeros is None
+    assert head.w_group == 256  # hidden size: one group per output channel
+    llm.shutdown()
+    llm = LLM(BUILTIN, quantization="int4", quantization_config={"lm_head": False}, **KW)
+    assert llm.engine.executor.model.lm_head.weight.dtype == torch.float32  # kept as loaded, as vLLM does
     llm.shutdown()
 
 
@@ -103,7 +113,7 @@ def test_group_size_must_divide_the_layer():
 
 @pytest.mark.parametrize("quantization,qconfig,match", [
     ("int3", None, "quantization must be one of"), ("int8", {"sym": False}, "symmetric only"),
-    ("int4", {"group_size": 5}, "group_size must be"), ("int4", {"groupsize": 64}, "unknown key 'groupsize'"),
+    ("int4", {"group_size": 5}, "group_size must be"), ("int4", {"lm_head": "int4"}, "lm_head must be"), ("int4", {"groupsize": 64}, "unknown key 'groupsize'"),
     (None, {"group_size": 64}, "needs quantization="), ("gptq", None, "needs a checkpoint")])
 def test_quantization_arguments_are_checked(quantization, qconfig, match):
     with pytest.raises(ValueError, match=match):
@@ -113,7 +123,7 @@ def test_quantization_arguments_are_checked(quantization, qconfig, match):
 def test_config_defaults_and_round_trip():
     assert resolve_quant_config(None, None, BUILTIN) is None
     int8 = resolve_quant_config("int8", None, BUILTIN)
-    assert (int8.bits, int8.group_for(2048), int8.sym, int8.lm_head) == (8, 2048, True, False)
+    assert (int8.bits, int8.group_for(2048), int8.sym, int8.lm_head) == (8, 2048, True, "int8")
     int4 = resolve_quant_config("int4", {"group_size": 32, "sym": True, "lm_head": True}, BUILTIN)
     assert (int4.bits, int4.group_size, int4.sym, int4.lm_head) == (4, 32, True, True)
     assert QuantConfig.from_dict(int4.to_dict()) == int4

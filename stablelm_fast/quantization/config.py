@@ -8,8 +8,11 @@
 
 `quantization_config` (a dict; CLI: `--quantization-config JSON`) tunes int8 / int4 with the keys a checkpoint's
 `quantization_config` uses: `group_size` (32 / 64 / 128 ...; -1 = one group per output channel), `sym` (True:
-symmetric, no zero points; int4 only may be False), `lm_head` (True: quantize the lm_head too; default False).
-Embeddings and norms are never quantized.
+symmetric, no zero points; int4 only may be False), `lm_head`: "int8" (the default: per output channel, as
+llama.cpp's quantized files keep their output layer at 6-8 bits), True (the same scheme as the other layers) or
+False (kept in the model's dtype, as vLLM does). The lm_head of a 1.6B is a quarter of its weights (100352 x 2048):
+in bf16 it would read more bytes per decoded token than every int4 decoder layer together. Embeddings and norms are
+never quantized. Pre-quantized checkpoints keep their lm_head as stored.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class QuantConfig:
     bits: int
     group_size: int  # -1: one group per output channel (K)
     sym: bool
-    lm_head: bool = False
+    lm_head: bool | str = False  # False: unquantized; True: as the other layers; "int8": int8 per output channel
     desc_act: bool = False  # GPTQ act-order: g_idx permutes the input features
     zero_offset: int = 0  # GPTQ v1 checkpoints store zero points minus one
     modules_to_not_convert: tuple[str, ...] = field(default_factory=tuple)
@@ -53,8 +56,11 @@ class QuantConfig:
         from stablelm_fast.quantization.linear_method import QuantizedLinearMethod
         from stablelm_fast.quantization.prequantized import PrequantizedLinearMethod
 
-        if prefix == "lm_head" and not self.lm_head:
-            return None
+        if prefix == "lm_head":
+            if not self.lm_head:
+                return None
+            if self.lm_head == "int8":
+                return QuantizedLinearMethod(ops, 8, -1, True, prefix)
         skipped = [self.skips(name) for name in unpacked_names(prefix)]
         if any(skipped):
             if not all(skipped):
@@ -96,15 +102,17 @@ def _on_the_fly(method: str, overrides: dict) -> QuantConfig:
     if unknown:
         raise ValueError(f"quantization_config has unknown key {unknown[0]!r} (known for {method!r}: "
                          f"{', '.join(_TUNABLE)})")
-    cfg = dict(_DEFAULTS[method], lm_head=False)
+    cfg = dict(_DEFAULTS[method], lm_head="int8")
     cfg.update(overrides)
+    if cfg["lm_head"] not in (True, False, "int8"):
+        raise ValueError(f"quantization_config lm_head must be \"int8\", true or false; got {cfg['lm_head']!r}")
     g = cfg["group_size"]
     if not isinstance(g, int) or isinstance(g, bool) or (g != -1 and (g < 2 or g % 2)):
         raise ValueError(f"quantization_config group_size must be -1 (per output channel) or an even integer >= 2; "
                          f"got {g!r}")
     if method == "int8" and not cfg["sym"]:
         raise ValueError("quantization 'int8' is symmetric only: quantization_config sym=False is not supported")
-    return QuantConfig(method, cfg["bits"], g, bool(cfg["sym"]), lm_head=bool(cfg["lm_head"]))
+    return QuantConfig(method, cfg["bits"], g, bool(cfg["sym"]), lm_head=cfg["lm_head"])
 
 
 def _from_checkpoint(hf: dict) -> QuantConfig:
