@@ -14,7 +14,9 @@ import glob
 import json
 import os
 import re
-from typing import Callable
+import struct
+import sys
+from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
@@ -75,6 +77,32 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def file_mapper(path: str) -> Callable[[str], Optional[torch.Tensor]]:
+    """name -> that tensor of a safetensors file as a view of the file mapped privately (copy-on-write; pages are
+    read from the page cache as they are touched and can be dropped again), or None where that cannot be done."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    storage: list = []
+
+    def mapped(name: str) -> Optional[torch.Tensor]:
+        info = header.get(name)
+        dtype = _DTYPES.get(info["dtype"]) if info else None
+        if dtype is None or sys.byteorder != "little":
+            return None
+        start = 8 + n + info["data_offsets"][0]
+        size = dtype.itemsize
+        if start % size:
+            return None
+        if not storage:
+            storage.append(torch.UntypedStorage.from_file(path, False, os.path.getsize(path)))
+        return torch.empty(0, dtype=dtype).set_(storage[0], start // size, tuple(info["shape"]))
+    return mapped
+
+
 # Names HF checkpoints may carry that hold no weights of ours.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
@@ -92,6 +120,7 @@ def load_checkpoint(model_dir: str, config: ModelConfig, assign: Callable[[str, 
     # NOTE: disable=None shows the bar only on a terminal (not in logs, tests or worker processes' pipes).
     bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=None, leave=False)
     for path in find_safetensors(model_dir):
+        mapper = file_mapper(path)
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
                 if _IGNORED.search(name):
@@ -114,7 +143,8 @@ def load_checkpoint(model_dir: str, config: ModelConfig, assign: Callable[[str, 
                     index = tuple(slice(start, stop) if k == dim else slice(None) for k in range(ndim))
                     return sl[index]
 
-                assign(name, CheckpointTensor(shape, lambda f=f, name=name: f.get_tensor(name), read_slice))
+                assign(name, CheckpointTensor(shape, lambda f=f, name=name: f.get_tensor(name), read_slice,
+                                              lambda name=name: mapper(name)))
                 bar.update(1)
     bar.close()
     missing = sorted(set(expected) - seen - optional)

@@ -90,3 +90,42 @@ def test_bad_constructor_values(tiny_model):
         LLM(tiny_model, load_format="pt")
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(tiny_model, max_model_len=10 ** 6)
+
+
+def test_embedding_table_stays_in_the_checkpoint_file(tiny_model, tmp_path):
+    """A bf16 checkpoint run in bf16 on the CPU: the embedding is a view of the mapped file (no copy, so only the
+    rows of tokens met become resident), with the same tokens as a run that copies it (fp32 file, converted)."""
+    model_dir = _copy(tiny_model, tmp_path / "bf16")
+    path = os.path.join(model_dir, "model.safetensors")
+    save_file({n: t.to(torch.bfloat16) for n, t in load_file(path).items()}, path)
+    runs = {}
+    for name, src in (("mapped", model_dir), ("copied", tiny_model)):
+        llm = LLM(src, dtype="bfloat16", backend="torch", num_kv_blocks=16)
+        table = llm.engine.executor.model.model.embed_tokens.weight
+        runs[name] = (table.untyped_storage().nbytes(), table.numel() * table.element_size(), llm.generate(
+            {"prompt_token_ids": [5, 6, 7, 8]}, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        )[0].outputs[0].token_ids)
+        llm.shutdown()
+    assert runs["mapped"][0] == os.path.getsize(path)  # the storage is the whole mapped file
+    assert runs["copied"][0] == runs["copied"][1]  # an fp32 file in a bf16 model: converted into its own memory
+    assert runs["mapped"][2] == runs["copied"][2]
+
+
+def test_vocab_parallel_embedding_maps_whole_parts_and_pads_the_last(tmp_path):
+    from stablelm_fast.layers.embedding import VocabEmbedding
+    from stablelm_fast.layers.parallel import TPInfo
+    from stablelm_fast.layers.weights import CheckpointTensor
+    from stablelm_fast.loader import file_mapper
+
+    path = str(tmp_path / "e.safetensors")
+    table = torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3)
+    save_file({"emb": table}, path)
+    mapper = file_mapper(path)
+    loaded = CheckpointTensor((7, 3), lambda: table, lambda d, a, b: table[a:b], lambda: mapper("emb"))
+    for rank, mapped in ((0, True), (1, False)):  # parts of 4 rows: rank 1 holds 3 rows and a zero padding row
+        emb = VocabEmbedding(7, 3, TPInfo(rank, 2))
+        emb.weight.weight_loader(emb.weight, loaded)
+        assert (emb.weight.untyped_storage().nbytes() == os.path.getsize(path)) == mapped
+        want = torch.cat([table, torch.zeros(1, 3)])[4 * rank: 4 * rank + 4]
+        torch.testing.assert_close(emb.weight.data, want)
+    assert file_mapper(path)("missing") is None

@@ -1,7 +1,8 @@
 """How a parameter receives its checkpoint tensor: a `weight_loader` attached to each parameter (as nano-vllm / vLLM).
 
 A checkpoint tensor arrives as a `CheckpointTensor`: its shape, and reads of the whole tensor or of one slice along
-one dim (memory-mapped safetensors: a tensor-parallel rank reads only its rows). A weight loader copies what its
+one dim (memory-mapped safetensors: a tensor-parallel rank reads only its rows), and where the checkpoint is a file
+on disk in the right byte order, `mapped()`: the tensor as a view of the file's pages, read as they are touched. A weight loader copies what its
 parameter owns into it, converting the dtype; `shard_id` says which part of a packed parameter (q / k / v of
 qkv_proj, 0 / 1 of gate_up_proj, the head of a per-head norm) the tensor is.
 """
@@ -9,7 +10,7 @@ qkv_proj, 0 / 1 of gate_up_proj, the head of a per-head norm) the tensor is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ class CheckpointTensor:
     shape: tuple[int, ...]
     read_all: Callable[[], torch.Tensor]
     read_slice: Callable[[int, int, int], torch.Tensor]  # (dim, start, stop) -> that slice only
+    # -> the whole tensor backed by the file's pages (a private mapping: nothing read until used), or None where
+    # the file cannot be mapped so (an unaligned offset, a big-endian machine)
+    mapped: Optional[Callable[[], Optional[torch.Tensor]]] = None
 
 
 def from_tensor(t: torch.Tensor) -> CheckpointTensor:
