@@ -67,7 +67,9 @@ void micro_avx2(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c);
 void micro_scalar(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c);
 constexpr int64_t kVnniT = 4, kAvx2T = 2, kScalarT = 4;
 
-// x in int8 per block of B (rows of x in fp32, already converted), X_g per group: scalar C++ (M K work).
+// x in int8 per block of B (rows of x in fp32, already converted), X_g per group (M K work): per row with AVX2 where
+// B is a multiple of 8 (quantize_row_avx2, the same results), scalar C++ otherwise.
+void quantize_row_avx2(const float* x, int64_t K, int64_t B, int64_t G, int8_t* q, float* bs, int32_t* bsum, float* gs);
 void quantize_rows(const float* xf, int64_t M, int64_t K, int64_t B, int64_t G, int8_t* q, float* bs, int32_t* bsum,
                    float* gs);
 

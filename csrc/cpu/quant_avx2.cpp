@@ -101,12 +101,53 @@ SLF_AVX2 void avx2(const Panel& w, const Act& x, int64_t t0, float* c) {
   }
 }
 
+// One row of x -> int8 per block of B k (B a multiple of 8), as quantize_rows' scalar loop computes it: amax by
+// vmaxps of |x| (order-free, exact), q = cvtps (round to nearest even, as nearbyint) of x * (127 / amax).
+SLF_AVX2 void quantize_row8(const float* x, int64_t K, int64_t B, int64_t G, int8_t* q, float* bs, int32_t* bsum,
+                            float* gs) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const int64_t per_group = G / B;
+  for (int64_t g = 0; g < K / G; ++g) gs[g] = 0.f;
+  for (int64_t b = 0; b < K / B; ++b) {
+    const float* xb = x + b * B;
+    __m256 m = _mm256_setzero_ps();
+    for (int64_t i = 0; i < B; i += 8)  // (|x|, m): a NaN x is skipped, as by std::max(m, |x|)
+      m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xb + i), abs_mask), m);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    const float amax = _mm_cvtss_f32(h);
+    const float sx = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    __m256i sum = _mm256_setzero_si256();
+    for (int64_t i = 0; i < B; i += 8) {
+      const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i), vinv));
+      sum = _mm256_add_epi32(sum, v);
+      const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+      const __m128i w8 = _mm_packs_epi16(w16, w16);  // |v| <= 127: no saturation
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + b * B + i), w8);
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    const int32_t total = _mm_cvtsi128_si32(s4);
+    bs[b] = sx;
+    bsum[b] = total;
+    gs[b / per_group] += sx * float(total);
+  }
+}
+
 }  // namespace
 
 void micro_avx2(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c) {
   TORCH_CHECK(T >= 1 && T <= kAvx2T, "micro_avx2: T out of range");
   if (w.bits == 8) return T == 1 ? avx2<1, 8>(w, x, t0, c) : avx2<2, 8>(w, x, t0, c);
   return T == 1 ? avx2<1, 4>(w, x, t0, c) : avx2<2, 4>(w, x, t0, c);
+}
+
+void quantize_row_avx2(const float* x, int64_t K, int64_t B, int64_t G, int8_t* q, float* bs, int32_t* bsum,
+                       float* gs) {
+  quantize_row8(x, K, B, G, q, bs, bsum, gs);
 }
 
 }  // namespace slf::cpu::quant

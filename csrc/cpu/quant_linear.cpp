@@ -117,9 +117,14 @@ void micro_scalar(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c)
 void quantize_rows(const float* xf, int64_t M, int64_t K, int64_t B, int64_t G, int8_t* q, float* bs, int32_t* bsum,
                    float* gs) {
   const int64_t nblk = K / B, ng = K / G, per_group = G / B;
+  const bool vec = B % 8 == 0 && static_cast<int>(cpu_isa()) >= static_cast<int>(Isa::kAvx2);
   // NOTE: one thread below ~1M elements (a parallel region costs more than it saves at decode / small M)
   at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 20) / K), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
+      if (vec) {
+        quantize_row_avx2(xf + m * K, K, B, G, q + m * K, bs + m * nblk, bsum + m * nblk, gs + m * ng);
+        continue;
+      }
       for (int64_t g = 0; g < ng; ++g) gs[m * ng + g] = 0.f;
       for (int64_t b = 0; b < nblk; ++b) {
         const float* xb = xf + m * K + b * B;
