@@ -27,6 +27,7 @@ import torch
 
 from gpu.roofline import decode_step_bytes, params, prefill_flops_per_token
 from gpu.scenarios import MODEL_SHAPES
+from gpu.timing import cuda_times
 
 PROMPT_LEN, DECODE_STEPS, PREFILL_SEQS, PREFILL_LEN = 512, 64, 8, 1024
 SMOKE = dict(PROMPT_LEN=24, DECODE_STEPS=3, PREFILL_SEQS=2, PREFILL_LEN=32)  # --smoke: a CPU run of the code path
@@ -39,15 +40,7 @@ def _sync(device: str) -> None:
 
 def _timed(fn, repeats: int) -> float:
     """Best seconds of fn() over repeats, by CUDA events."""
-    best = float("inf")
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        best = min(best, a.elapsed_time(b) / 1e3)
-    return best
+    return cuda_times(fn, repeats)[0]
 
 
 def measure_limits() -> dict:

@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from gpu.timing import cuda_times
+
 # (model, layer, N, K, halves): halves = gate_up with the fused SiLU
 LAYERS = [("1.6B", "qkv", 6144, 2048, False), ("1.6B", "gate_up", 11264, 2048, True),
           ("1.6B", "down", 2048, 5632, False), ("12B", "gate_up", 27648, 5120, True), ("12B", "down", 5120, 13824, False)]
@@ -24,16 +26,8 @@ MODES = [("bf16", None, None), ("int8", 8, None), ("int4-g128", 4, 128)]
 
 def _timed(fn, repeats: int = 50) -> float:
     """Median seconds of fn() by CUDA events (after a warm-up call that also compiles)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[len(times) // 2]
+    times = cuda_times(fn, repeats, warmup=True)
+    return times[len(times) // 2]
 
 
 def bench_quant(limits: dict) -> list[dict]:

@@ -39,24 +39,6 @@ SLF_AVX2 float dot_avx2(const float* q, const scalar_t* k, int64_t d) {
   return s;
 }
 
-// s[j] = exp(s[j] - m) for j < n; returns their sum.
-SLF_AVX2 float exp_sum_avx2(float* s, int64_t n, float m) {
-  const __m256 vm = _mm256_set1_ps(m);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
-    _mm256_storeu_ps(s + j, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  float sum = hsum8(acc);
-  for (; j < n; ++j) {
-    s[j] = expf(s[j] - m);
-    sum += s[j];
-  }
-  return sum;
-}
-
 template <typename scalar_t>
 inline void scale_add_scalar(float* acc, float alpha, const float* p, const scalar_t* const* v, int64_t n,
                              int64_t d) {
@@ -78,7 +60,7 @@ float softmax_tile(SoftmaxState* st, float* s, int64_t n) {
   for (int64_t j = 0; j < n; ++j) bmax = std::max(bmax, s[j]);
   const float alpha = softmax_rescale(st, bmax);
   if constexpr (kAvx2) {
-    st->l += exp_sum_avx2(s, n, st->m);
+    st->l += exp_sub_sum(s, n, st->m);
   } else {
     for (int64_t j = 0; j < n; ++j) {
       s[j] = expf(s[j] - st->m);

@@ -161,21 +161,8 @@ SLF_AVX2 float softmax_row(SoftmaxState* st, float* s, int64_t n) {
   float bmax = -INFINITY;
   for (int64_t j = 0; j < n; ++j) bmax = std::max(bmax, s[j]);
   const float alpha = softmax_rescale(st, bmax);
-  const __m256 vm = _mm256_set1_ps(st->m);
-  __m256 sum = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
-    _mm256_storeu_ps(s + j, e);
-    sum = _mm256_add_ps(sum, e);
-  }
-  float l = hsum8(sum);
-  for (; j < n; ++j) {
-    s[j] = expf(s[j] - st->m);
-    l += s[j];
-  }
-  for (; j < kTileKeys; ++j) s[j] = 0.f;
-  st->l += l;
+  st->l += exp_sub_sum(s, n, st->m);
+  for (int64_t j = n; j < kTileKeys; ++j) s[j] = 0.f;
   return alpha;
 }
 

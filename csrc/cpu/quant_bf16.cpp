@@ -7,7 +7,7 @@
 // (vcvtne2ps2bf16) and interleaved per feature (vpermw).
 #include <immintrin.h>
 
-#include "cpu/quant.h"
+#include "cpu/quant512.h"
 
 #define SLF_QBF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 
@@ -75,12 +75,7 @@ SLF_QBF16 void dequant_bf16(const Panel& w, uint32_t* dst) {
   const uint8_t* q = w.q;
   for (int64_t g = 0; g < ng; ++g) {
     const __m512 s = _mm512_loadu_ps(w.s + g * kPanel);
-    __m512 zf = _mm512_set1_ps(float(w.zero + w.offset));
-    if (w.z) {
-      const __m128i z8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.z + g * kPanel));
-      zf = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z8)), _mm512_set1_ps(float(w.offset)));
-    }
-    const __m512 m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(zf, s));
+    const __m512 m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(zero_lanes(w, g), s));
     for (int64_t kg = 0; kg < w.G; kg += w.bits == 8 ? 4 : 8, q += 64) {
       const __m512i v = _mm512_loadu_si512(q);
       if (w.bits == 8) {

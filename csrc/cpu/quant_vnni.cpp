@@ -14,7 +14,7 @@
 
 #include <immintrin.h>
 
-#include "cpu/quant.h"
+#include "cpu/quant512.h"
 
 #define SLF_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
@@ -42,7 +42,7 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
     gs[t] = x.gs + (t0 + t) * ng;
     acc[t] = _mm512_setzero_ps();
   }
-  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  const __m512i low4 = _mm512_set1_epi8(0x0f), high4 = _mm512_set1_epi8(static_cast<char>(0xf0));
   const int zeff = w.zero + w.offset;  // without zero points
   int64_t k = 0, b = 0;
   for (int64_t g = 0; g < ng; ++g) {
@@ -68,14 +68,16 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
           k += 4;
         }
       } else {
+        // the high nibbles stay in place (16 x their value, no shift per load): ib = 16 x the sum, exactly
         for (int64_t r = 0; r < rows; r += 2, q += 64, k += 8) {
           const __m512i v = _mm512_loadu_si512(q);
-          const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(v, high4);
           for (int t = 0; t < T; ++t) {
             ia[t] = _mm512_dpbusd_epi32(ia[t], lo, _mm512_set1_epi32(load4(xq[t] + k)));
             ib[t] = _mm512_dpbusd_epi32(ib[t], hi, _mm512_set1_epi32(load4(xq[t] + k + 4)));
           }
         }
+        for (int t = 0; t < T; ++t) ib[t] = _mm512_srai_epi32(ib[t], 4);
       }
       for (int t = 0; t < T; ++t) ia[t] = _mm512_add_epi32(ia[t], ib[t]);
       for (int t = 0; t < T; ++t) {
@@ -85,9 +87,7 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
       }
     }
     if (w.z) {  // - (zero + offset) * s * X_g
-      const __m128i z8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.z + g * kPanel));
-      const __m512 zf = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z8)), _mm512_set1_ps(float(w.offset)));
-      const __m512 m = _mm512_mul_ps(zf, s);
+      const __m512 m = _mm512_mul_ps(zero_lanes(w, g), s);
       for (int t = 0; t < T; ++t) acc[t] = _mm512_fnmadd_ps(m, _mm512_set1_ps(gs[t][g]), acc[t]);
     }
   }
@@ -110,15 +110,15 @@ SLF_VNNI void vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
     q[p] = w[p].q;
     acc[p] = _mm512_setzero_ps();
   }
-  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  const __m512i low4 = _mm512_set1_epi8(0x0f), high4 = _mm512_set1_epi8(static_cast<char>(0xf0));
   const int zeff = w[0].zero + w[0].offset;
   int64_t k = 0, b = 0;
   for (int64_t g = 0; g < ng; ++g) {
     __m512 s[NP];
     for (int p = 0; p < NP; ++p) s[p] = _mm512_loadu_ps(w[p].s + g * kPanel);
     for (int64_t bi = 0; bi < nb; ++bi, ++b) {
-      __m512i ia[NP];
-      for (int p = 0; p < NP; ++p) ia[p] = _mm512_setzero_si512();
+      __m512i ia[NP], ih[NP];
+      for (int p = 0; p < NP; ++p) ia[p] = ih[p] = _mm512_setzero_si512();
       if constexpr (BITS == 8) {
         for (int64_t r = 0; r < rows; ++r, k += 4) {
           const __m512i xb = _mm512_set1_epi32(load4(xq + k));
@@ -130,13 +130,16 @@ SLF_VNNI void vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
       } else {
         for (int64_t r = 0; r < rows; r += 2, k += 8) {
           const __m512i x0 = _mm512_set1_epi32(load4(xq + k)), x1 = _mm512_set1_epi32(load4(xq + k + 4));
+          // NOTE: the high nibbles in place (16 x their value; ih = 16 x the sum, exact in int32: at most
+          // 240 * 127 * 4 * 16 per lane and block): no shift per load, and two independent chains per panel
           for (int p = 0; p < NP; ++p) {
             const __m512i v = _mm512_loadu_si512(q[p]);
             q[p] += 64;
             ia[p] = _mm512_dpbusd_epi32(ia[p], _mm512_and_si512(v, low4), x0);
-            ia[p] = _mm512_dpbusd_epi32(ia[p], _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), x1);
+            ih[p] = _mm512_dpbusd_epi32(ih[p], _mm512_and_si512(v, high4), x1);
           }
         }
+        for (int p = 0; p < NP; ++p) ia[p] = _mm512_add_epi32(ia[p], _mm512_srai_epi32(ih[p], 4));
       }
       const __m512 sx = _mm512_set1_ps(bs[b]);
       const __m512i corr = _mm512_set1_epi32(zeff * bsum[b]);
@@ -146,12 +149,8 @@ SLF_VNNI void vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
       }
     }
     if (w[0].z) {
-      for (int p = 0; p < NP; ++p) {
-        const __m128i z8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[p].z + g * kPanel));
-        const __m512 zf =
-            _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z8)), _mm512_set1_ps(float(w[p].offset)));
-        acc[p] = _mm512_fnmadd_ps(_mm512_mul_ps(zf, s[p]), _mm512_set1_ps(gs[g]), acc[p]);
-      }
+      for (int p = 0; p < NP; ++p)
+        acc[p] = _mm512_fnmadd_ps(_mm512_mul_ps(zero_lanes(w[p], g), s[p]), _mm512_set1_ps(gs[g]), acc[p]);
     }
   }
   for (int p = 0; p < NP; ++p) _mm512_storeu_ps(c + p * kPanel, acc[p]);
@@ -189,12 +188,7 @@ SLF_VNNI void fp32(const Panel& w, const Act& x, int64_t t0, float* c) {
   int64_t k = 0;
   for (int64_t g = 0; g < ng; ++g) {
     const __m512 s = _mm512_loadu_ps(w.s + g * kPanel);
-    __m512 zf = _mm512_set1_ps(float(w.zero + w.offset));
-    if (w.z) {
-      const __m128i z8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.z + g * kPanel));
-      zf = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z8)), _mm512_set1_ps(float(w.offset)));
-    }
-    const __m512 m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(zf, s));
+    const __m512 m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(zero_lanes(w, g), s));
     __m512 sl[4], ml[4];
     for (int j = 0; j < 4; ++j) {
       sl[j] = _mm512_permutexvar_ps(idx[j], s);

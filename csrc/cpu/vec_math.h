@@ -1,6 +1,8 @@
 // AVX2 transcendental helpers for the CPU kernels.
 #pragma once
 
+#include <cmath>
+
 #include "cpu/cpu_types.h"
 
 namespace slf::cpu {
@@ -29,6 +31,25 @@ SLF_AVX2 static inline __m256 exp8(__m256 x) {
   const __m256 p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
   const __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
   return _mm256_mul_ps(_mm256_mul_ps(y, p1), p2);
+}
+
+// s[j] = exp(s[j] - m) for j < n (8 lanes, the tail in scalars); returns their sum: the exponentials of one
+// online-softmax step (attention.cpp, attention_tile.cpp).
+SLF_AVX2 static inline float exp_sub_sum(float* s, int64_t n, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+    _mm256_storeu_ps(s + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum8(acc);
+  for (; j < n; ++j) {
+    s[j] = expf(s[j] - m);
+    sum += s[j];
+  }
+  return sum;
 }
 
 // silu(x) = x / (1 + exp(-x)) on 8 lanes (the formula of slf::silu).
