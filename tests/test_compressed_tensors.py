@@ -93,6 +93,8 @@ REFUSED = {
     "per-tensor": (lambda hf: _group(hf)["weights"].update(strategy="tensor", group_size=None), "strategy 'tensor'"),
     "asymmetric int8": (lambda hf: _group(hf)["weights"].update(num_bits=8, symmetric=False), "asymmetric int8"),
     "int2": (lambda hf: _group(hf)["weights"].update(num_bits=2), "num_bits=2"),
+    "act-order per channel": (lambda hf: _group(hf)["weights"].update(strategy="channel", group_size=None,
+                                                                      actorder="group"), "with strategy 'channel'"),
     "not compressed": (lambda hf: hf.update(quantization_status="frozen"), "quantization_status 'frozen'"),
     "preset group": (lambda hf: hf.update(config_groups={"W4A16": ["Linear"]}), "preset"),
     "class target": (lambda hf: _group(hf).update(targets=["Embedding"]), "module class 'Embedding'"),

@@ -39,9 +39,10 @@ def _weights(name: str, scheme: Any, top_format: str | None) -> tuple:
     if not isinstance(scheme, dict):
         raise _bad(f"config group {name!r} given as {scheme!r} (a preset name with targets)")
     for key in ("input_activations", "output_activations"):
-        if scheme.get(key) is not None:
-            raise _bad(f"config group {name!r}: {key} quantization ({scheme[key].get('type', 'int')}"
-                       f"{scheme[key].get('num_bits', '')}, as in W8A8 / FP8 schemes)")
+        args = scheme.get(key)
+        if args is not None:
+            what = f"{args.get('type', 'int')}{args.get('num_bits', '')}" if isinstance(args, dict) else repr(args)
+            raise _bad(f"config group {name!r}: {key} quantization ({what}, as in W8A8 / FP8 schemes)")
     fmt = scheme.get("format") or top_format
     if fmt != FORMAT:
         raise _bad(f"config group {name!r}: format {fmt!r}")
@@ -73,19 +74,23 @@ def _weights(name: str, scheme: Any, top_format: str | None) -> tuple:
     actorder = actorder.lower() if isinstance(actorder, str) else actorder
     if actorder not in _ACTORDER:
         raise _bad(f"config group {name!r}: actorder {w.get('actorder')!r}")
+    if _ACTORDER[actorder] and group == -1:
+        raise _bad(f"config group {name!r}: actorder {w.get('actorder')!r} with strategy 'channel'")
     return bits, bool(sym), group, _ACTORDER[actorder], fmt
 
 
 def parse(hf: dict) -> dict:
     """quantization_config -> the QuantConfig fields (method 'compressed-tensors'); ValueError naming what is not
     supported."""
-    status = hf.get("quantization_status", "compressed")
+    status = hf.get("quantization_status") or "compressed"
     if status != "compressed":
         raise _bad(f"quantization_status {status!r} (weights not stored compressed)")
     for key in ("kv_cache_scheme", "transform_config"):
         if hf.get(key):
             raise _bad(f"{key} {hf[key]!r}")
     sparsity = hf.get("sparsity_config")
+    if sparsity and not isinstance(sparsity, dict):
+        raise _bad(f"sparsity_config {sparsity!r}")
     if sparsity and (sparsity.get("format", "dense") != "dense" or sparsity.get("sparsity_structure")
                      not in (None, "unstructured")):
         raise _bad(f"sparsity ({sparsity.get('sparsity_structure')!r}, format {sparsity.get('format')!r})")
