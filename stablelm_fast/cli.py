@@ -53,9 +53,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-config", type=_json_dict, default=None, metavar="JSON",
                    help='speculative decoding, vLLM\'s spelling, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (default: off)')
-    g.add_argument("--quantization", "-q", default=None, choices=["int8", "int4", "gptq", "awq"],
+    g.add_argument("--quantization", "-q", default=None,
+                   choices=["int8", "int4", "gptq", "awq", "compressed-tensors"],
                    help="weight-only quantization: int8 / int4 quantize a full-precision checkpoint at load; gptq / "
-                        "awq load pre-quantized checkpoints (default: what config.json says, else none)")
+                        "awq / compressed-tensors load pre-quantized checkpoints (default: what config.json says, "
+                        "else none)")
     g.add_argument("--quantization-config", type=_json_dict, default=None, metavar="JSON",
                    help='int8 / int4 settings, e.g. \'{"group_size": 64, "sym": true, "lm_head": false}\' '
                         '(default int4: group_size 128 with zero points; int8: per output channel)')

@@ -20,8 +20,9 @@ class LLM:
                  max_num_batched_tokens: int | None = None, backend: str = "auto", seed: int = 0,
                  speculative_config: dict | None = None, disable_log_stats: bool = True,
                  quantization: str | None = None, quantization_config: dict | None = None) -> None:
-        """quantization: 'int8' / 'int4' (quantized at load), 'gptq' / 'awq' (pre-quantized checkpoints; also
-        detected from config.json); quantization_config tunes int8 / int4 (stablelm_fast/quantization/config.py)."""
+        """quantization: 'int8' / 'int4' (quantized at load), 'gptq' / 'awq' / 'compressed-tensors' (pre-quantized
+        checkpoints; also detected from config.json); quantization_config tunes int8 / int4
+        (stablelm_fast/quantization/config.py)."""
         self.engine = LLMEngine(EngineArgs(
             model=model, dtype=dtype, device=device, tensor_parallel_size=tensor_parallel_size,
             load_format=load_format, max_model_len=max_model_len, block_size=block_size,

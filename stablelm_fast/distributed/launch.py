@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     p.add_argument("--backend", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quantization", default=None, choices=["int8", "int4", "gptq", "awq"])
+    p.add_argument("--quantization", default=None, choices=["int8", "int4", "gptq", "awq", "compressed-tensors"])
     p.add_argument("--quantization-config", type=json.loads, default=None, help="JSON, as LLM(quantization_config=)")
     # driver-only flags (ignored on the other ranks)
     p.add_argument("--max-model-len", type=int, default=None)

@@ -4,6 +4,10 @@
     quantization="int4"   quantize at load: groups of 128 along K with zero points (asymmetric)
     quantization="gptq"   a GPTQ 4-bit checkpoint (AutoGPTQ / GPTQModel / llm-compressor's GPTQ export)
     quantization="awq"    an AWQ 4-bit GEMM checkpoint (AutoAWQ)
+    quantization="compressed-tensors"  an llm-compressor checkpoint (vLLM's `compressed_tensors`): weight-only int4
+                          (symmetric or with zero points) or symmetric int8, group-wise or per channel, act-order,
+                          in the 'pack-quantized' format, with its `ignore` list (compressed_tensors.py says what
+                          else it can say and is refused: activation quantization, fp8, 2:4 sparsity, ...)
     quantization=None     what config.json's `quantization_config` says (vLLM's auto-detection), else none
 
 `quantization_config` (a dict; CLI: `--quantization-config JSON`) tunes int8 / int4 with the keys a checkpoint's
@@ -22,8 +26,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-METHODS = ("int8", "int4", "gptq", "awq")
-_PREQUANTIZED = ("gptq", "awq")
+METHODS = ("int8", "int4", "gptq", "awq", "compressed-tensors")
+_PREQUANTIZED = ("gptq", "awq", "compressed-tensors")
 _DEFAULTS = {"int8": dict(bits=8, group_size=-1, sym=True), "int4": dict(bits=4, group_size=128, sym=False)}
 _TUNABLE = ("group_size", "sym", "lm_head")
 
@@ -37,7 +41,8 @@ class QuantConfig:
     lm_head: bool | str = False  # False: unquantized; True: as the other layers; "int8": int8 per output channel
     desc_act: bool = False  # GPTQ act-order: g_idx permutes the input features
     zero_offset: int = 0  # GPTQ v1 checkpoints store zero points minus one
-    modules_to_not_convert: tuple[str, ...] = field(default_factory=tuple)
+    modules_to_not_convert: tuple[str, ...] = field(default_factory=tuple)  # compressed-tensors: its `ignore`
+    targets: tuple[str, ...] = field(default_factory=tuple)  # compressed-tensors: what its config_groups target
 
     @property
     def prequantized(self) -> bool:
@@ -47,7 +52,11 @@ class QuantConfig:
         return k if self.group_size == -1 else self.group_size
 
     def skips(self, hf_module: str) -> bool:
-        """AWQ's modules_to_not_convert: kept in full precision (matched as a part of the HF module name)."""
+        """AWQ's modules_to_not_convert (matched as a part of the HF module name), compressed-tensors' targets and
+        ignore (compressed_tensors.skips): kept in full precision."""
+        if self.method == "compressed-tensors":
+            from stablelm_fast.quantization.compressed_tensors import skips
+            return skips(self.targets, self.modules_to_not_convert, hf_module)
         return any(m and m in hf_module for m in self.modules_to_not_convert)
 
     def linear_method(self, ops: Any, prefix: str) -> Any:
@@ -76,7 +85,8 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "QuantConfig | None":
-        return None if d is None else cls(**dict(d, modules_to_not_convert=tuple(d.get("modules_to_not_convert", ()))))
+        return None if d is None else cls(**dict(d, modules_to_not_convert=tuple(d.get("modules_to_not_convert", ())),
+                                                 targets=tuple(d.get("targets", ()))))
 
 
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -117,6 +127,9 @@ def _on_the_fly(method: str, overrides: dict) -> QuantConfig:
 
 def _from_checkpoint(hf: dict) -> QuantConfig:
     method = str(hf.get("quant_method", "")).lower()
+    if method == "compressed-tensors":
+        from stablelm_fast.quantization.compressed_tensors import parse
+        return QuantConfig(**parse(hf))
     bits, group = hf.get("bits", hf.get("w_bit")), hf.get("group_size", hf.get("q_group_size", -1))
     if bits != 4:
         raise ValueError(f"{method} checkpoints with bits={bits} are not supported (4-bit only)")
@@ -150,7 +163,7 @@ def resolve_quant_config(quantization: str | None, overrides: dict | None, model
     hf_method = str(hf.get("quant_method", "")).lower() if hf else None
     if hf_method is not None and hf_method not in _PREQUANTIZED:
         raise ValueError(f"checkpoint quantization_config quant_method {hf_method!r} is not supported "
-                         f"(supported: 'gptq', 'awq')")
+                         f"(supported: {', '.join(repr(m) for m in _PREQUANTIZED)})")
     if quantization is None:
         quantization = hf_method
         if quantization is None:
