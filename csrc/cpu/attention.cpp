@@ -76,6 +76,9 @@ struct WorkItem {
   int32_t kv_heads;  // kv heads covered: 1 for prefill items, a range for decode items (decode_item)
   int32_t t0, t1;  // global token range [t0, t1) of q (inside sequence `seq`)
   int64_t cost;
+  // decode: the keys [k0, k1) this item attends, and where its result goes: part < 0, normalized into `out`;
+  // else unnormalized (m, l, acc) into slot `part` of the split-context partials, merged after all items ran
+  int32_t k0 = 0, k1 = 0, part = -1;
 };
 
 // Prefill / extend without SIMD (machines below AVX2); attention_tile.cpp serves every other ISA.
@@ -192,7 +195,7 @@ void decode_item(const WorkItem& it, scalar_t* out, const scalar_t* q, const sca
                  int64_t block_size, int64_t q_tok_stride, int64_t q_head_stride, int64_t out_tok_stride,
                  int64_t out_head_stride, int64_t c_block_stride, int64_t c_tok_stride, int64_t c_head_stride,
                  float scale, bool avx512, std::vector<float>& qbuf, std::vector<float>& acc,
-                 std::vector<float>& scores) {
+                 std::vector<float>& scores, float* partials) {
   const int64_t t = it.t0, h0 = it.kv_head * group, rows = it.kv_heads * group;  // row r: q head h0 + r
   SoftmaxState st[kMaxRows];
   std::vector<float> kf(head_dim);
@@ -203,8 +206,8 @@ void decode_item(const WorkItem& it, scalar_t* out, const scalar_t* q, const sca
     st[r] = softmax_init();
   }
   const int64_t head_off = it.kv_head * c_head_stride;
-  for (int64_t j0 = 0; j0 < ctx; j0 += kKeyTile) {
-    const int64_t jn = std::min(ctx, j0 + kKeyTile) - j0;
+  for (int64_t j0 = it.k0; j0 < it.k1; j0 += kKeyTile) {
+    const int64_t jn = std::min<int64_t>(it.k1, j0 + kKeyTile) - j0;
     int64_t row_off[kKeyTile];  // cache offset of key j0 + j, first kv head of the item
     for (int64_t j = 0; j < jn; ++j)
       row_off[j] = (int64_t)block_table[(j0 + j) / block_size] * c_block_stride +
@@ -231,10 +234,43 @@ void decode_item(const WorkItem& it, scalar_t* out, const scalar_t* q, const sca
     else
       decode_pv_scalar(acc.data(), rows, group, head_dim, v_cache, row_off, jn, c_head_stride, scores.data());
   }
+  if (it.part >= 0) {  // one split of the context: its unnormalized state, merged by merge_splits
+    float* dst = partials + it.part * kMaxRows * (head_dim + 2);
+    for (int64_t r = 0; r < rows; ++r, dst += head_dim + 2) {
+      dst[0] = st[r].m;
+      dst[1] = st[r].l;
+      std::copy(acc.begin() + r * head_dim, acc.begin() + (r + 1) * head_dim, dst + 2);
+    }
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     scalar_t* o = out + t * out_tok_stride + (h0 + r) * out_head_stride;
     const float inv = 1.f / st[r].l;
     for (int64_t i = 0; i < head_dim; ++i) o[i] = from_float<scalar_t>(acc[r * head_dim + i] * inv);
+  }
+}
+
+// The split-context decode items of one (sequence, kv heads) -> its output rows: the parts' softmax states merged
+// (softmax_merge) and their accumulators summed with the merge's factors, in split order.
+template <typename scalar_t>
+void merge_splits(const WorkItem* parts, int64_t n, const float* partials, scalar_t* out, int64_t group,
+                  int64_t head_dim, int64_t out_tok_stride, int64_t out_head_stride) {
+  const WorkItem& it = parts[0];
+  const int64_t rows = it.kv_heads * group, stride = head_dim + 2;
+  std::vector<float> acc(head_dim);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = partials + it.part * kMaxRows * stride + r * stride;
+    SoftmaxState st{p[0], p[1]};
+    std::copy(p + 2, p + 2 + head_dim, acc.begin());
+    for (int64_t s = 1; s < n; ++s) {
+      const float* ps = partials + parts[s].part * kMaxRows * stride + r * stride;
+      float fa, fb;
+      st = softmax_merge(st, SoftmaxState{ps[0], ps[1]}, &fa, &fb);
+      for (int64_t i = 0; i < head_dim; ++i) acc[i] = acc[i] * fa + ps[2 + i] * fb;
+    }
+    scalar_t* o = out + it.t0 * out_tok_stride + (it.kv_head * group + r) * out_head_stride;
+    const float inv = 1.f / st.l;
+    for (int64_t i = 0; i < head_dim; ++i) o[i] = from_float<scalar_t>(acc[i] * inv);
   }
 }
 
@@ -255,16 +291,33 @@ void paged_attention_impl(scalar_t* out,             // [T, Hq, D]
   // load, and chunking tokens keeps the fp32 accumulators in L1/L2 while parallelizing long prefills.
   const int64_t tok_chunk = std::max<int64_t>(1, kMaxRows / group);
   std::vector<WorkItem> items;
-  // Decode items take as many kv heads as keep both threads busy (all of them from 2 sequences up), at most
-  // kMaxRows q heads.
-  const int64_t decode_heads = std::clamp<int64_t>(
-      hkv / std::max<int64_t>(1, (2 * at::get_num_threads() + num_seqs - 1) / num_seqs), 1, kMaxRows / group);
+  // Decode items take every kv head of a token (up to kMaxRows q heads): a cache row [Hkv, D] is one contiguous
+  // stretch (4 KB for the 1.6B), and reading parts of many rows (a few heads per item) measured at a third of the
+  // memory bandwidth, reading whole rows at ~2/3 (Zen 4, contexts larger than the caches). With fewer such items
+  // than 2 x threads (small batches), each sequence's context is split into parts of whole cache blocks, every
+  // part an item, merged afterwards (flash-decoding).
+  const int64_t decode_heads = std::min<int64_t>(hkv, kMaxRows / group);
+  const int64_t head_items = (hkv + decode_heads - 1) / decode_heads;
+  const int64_t want_splits = cu_seqlens ? 1
+      : (2 * at::get_num_threads() + num_seqs * head_items - 1) / (num_seqs * head_items);
+  int32_t n_parts = 0;
   for (int64_t b = 0; b < num_seqs; ++b) {
     if (cu_seqlens == nullptr) {
-      TORCH_CHECK(context_lens[b] >= 1, "context_lens[", b, "] = ", context_lens[b], " < its query length 1");
+      const int64_t ctx = context_lens[b];
+      TORCH_CHECK(ctx >= 1, "context_lens[", b, "] = ", ctx, " < its query length 1");
+      // parts of at least kKeyTile keys, cut at cache-block boundaries
+      const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want_splits, ctx / kKeyTile));
+      const int64_t span = (ctx + splits - 1) / splits, chunk = (span + block_size - 1) / block_size * block_size;
       for (int64_t kh = 0; kh < hkv; kh += decode_heads) {
         const int64_t n = std::min(decode_heads, hkv - kh);
-        items.push_back({(int32_t)b, (int32_t)kh, (int32_t)n, (int32_t)b, (int32_t)b + 1, n * context_lens[b]});
+        for (int64_t k0 = 0; k0 < ctx; k0 += chunk) {
+          const int64_t k1 = std::min(ctx, k0 + chunk);
+          WorkItem w{(int32_t)b, (int32_t)kh, (int32_t)n, (int32_t)b, (int32_t)b + 1, n * (k1 - k0)};
+          w.k0 = (int32_t)k0;
+          w.k1 = (int32_t)k1;
+          w.part = chunk < ctx ? n_parts++ : -1;
+          items.push_back(w);
+        }
       }
       continue;
     }
@@ -281,6 +334,11 @@ void paged_attention_impl(scalar_t* out,             // [T, Hq, D]
   }
   // NOTE: causal items differ in cost; hand them out longest first from a shared counter (dynamic scheduling)
   // instead of at::parallel_for's static split of the range.
+  // (the split decode items of one sequence and heads, in key order, for the merge; the sort is stable)
+  std::vector<WorkItem> split_items;
+  for (const WorkItem& w : items)
+    if (w.part >= 0) split_items.push_back(w);
+  std::vector<float> partials(static_cast<size_t>(n_parts) * kMaxRows * (head_dim + 2));
   std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
   std::atomic<int64_t> next{0};
   const int64_t n_items = (int64_t)items.size();
@@ -308,7 +366,7 @@ void paged_attention_impl(scalar_t* out,             // [T, Hq, D]
           decode_item<scalar_t, decltype(avx2_tag)::value>(
               it, out, q, k_cache, v_cache, block_tables + b * bt_stride, context_lens[b], group, head_dim,
               block_size, q_tok_stride, q_head_stride, out_tok_stride, out_head_stride, c_block_stride, c_tok_stride,
-              c_head_stride, scale, avx512, qbuf, acc, scores);
+              c_head_stride, scale, avx512, qbuf, acc, scores, partials.data());
           return;
         }
         attention_item<scalar_t>(
@@ -322,6 +380,15 @@ void paged_attention_impl(scalar_t* out,             // [T, Hq, D]
         run(std::false_type{});
     }
   });
+  for (size_t i = 0; i < split_items.size();) {
+    size_t j = i + 1;
+    while (j < split_items.size() && split_items[j].seq == split_items[i].seq &&
+           split_items[j].kv_head == split_items[i].kv_head)
+      ++j;
+    merge_splits(&split_items[i], static_cast<int64_t>(j - i), partials.data(), out, group, head_dim, out_tok_stride,
+                 out_head_stride);
+    i = j;
+  }
 }
 
 void run_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,

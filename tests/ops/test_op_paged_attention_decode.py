@@ -30,6 +30,25 @@ def test_paged_attention_decode(backend, dtype, batch, head_dim, hq, hkv, block_
     close(got, ref.paged_attention_decode(q, k, v, tables, lens, head_dim ** -0.5), dtype, fp32=2e-4)
 
 
+@pytest.mark.parametrize("backend", implementations("paged_attention_decode"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ctxs", [[517], [300, 33], [31], [64, 65, 1]])
+@pytest.mark.parametrize("head_dim,hq,hkv,block_size", [(64, 32, 32, 16), (160, 8, 2, 16)])
+def test_long_contexts_of_small_batches(backend, dtype, ctxs, head_dim, hq, hkv, block_size):
+    """Few sequences: the CPU kernel splits each context into parts (whole cache blocks, >= 32 keys) run apart
+    and merged; all heads of a row in one part (hq = 32: the 1.6B's MHA rows)."""
+    skip_unsupported(backend, dtype, len(ctxs), max_interpreted_tokens=8)
+    g = torch.Generator().manual_seed(sum(ctxs) + head_dim)
+    k, v, tables = paged_kv(ctxs, hkv, head_dim, block_size, dtype, g)
+    q = torch.randn(len(ctxs), hq, head_dim, generator=g).to(dtype)
+    lens = torch.tensor(ctxs, dtype=torch.int32)
+    dev = device(backend)
+    got = op(backend, "paged_attention_decode")(q.to(dev), k.to(dev), v.to(dev), tables.to(dev), lens.to(dev),
+                                                head_dim ** -0.5)
+    assert not got.isnan().any()
+    close(got, ref.paged_attention_decode(q, k, v, tables, lens, head_dim ** -0.5), dtype, fp32=2e-4)
+
+
 def test_opcheck():
     import stablelm_fast.ops.cpu_ops  # noqa: F401  (registers the ops' fake kernels)
 
