@@ -13,6 +13,10 @@ _ops = torch.ops.stablelm_fast
 
 
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if x.dim() == 2:  # the model's call: no reshapes (~1.5 us each)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        _ops.layernorm(out, x, weight, bias, eps)
+        return out
     x2 = x.reshape(-1, x.shape[-1])
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     _ops.layernorm(out, x2, weight, bias, eps)
@@ -24,6 +28,11 @@ def add_layernorm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if residual is None:
         return layernorm(x, weight, bias, eps), x
+    if x.dim() == 2:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        new_residual = torch.empty_like(x, memory_format=torch.contiguous_format)
+        _ops.add_layernorm(out, new_residual, x, residual, weight, bias, eps)
+        return out, new_residual
     x2, r2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     new_residual = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
