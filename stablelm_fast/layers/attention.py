@@ -55,7 +55,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """-> [T, hidden], this rank's partial sum (the caller all-reduces)."""
         ops = self.ops
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj.forward(x)  # (forward: see model.DecoderLayer)
         q_norm = self.q_layernorm.weight if self.q_layernorm is not None else None
         k_norm = self.k_layernorm.weight if self.k_layernorm is not None else None
         q = ops.qk_norm_rope_cache(qkv, positions, cos_sin, q_norm, k_norm, self.eps, k_cache, v_cache,
@@ -65,4 +65,4 @@ class Attention(nn.Module):
         else:
             o = ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
                                     self.scale, meta.max_q_len)
-        return self.o_proj(o.reshape(o.shape[0], -1))
+        return self.o_proj.forward(o.reshape(o.shape[0], -1))

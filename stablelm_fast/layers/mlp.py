@@ -23,4 +23,4 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden], this rank's partial sum (the caller all-reduces)."""
-        return self.down_proj(self.gate_up_proj.forward_silu_mul(x))
+        return self.down_proj.forward(self.gate_up_proj.forward_silu_mul(x))  # (forward: see model.DecoderLayer)
