@@ -3,6 +3,7 @@
     python bench/compare.py                     # everything (several minutes on a small CPU)
     python bench/compare.py --no-install        # do not try `pip install llama-cpp-python` when it is missing
     python bench/compare.py --quick             # short lengths, to check that it runs
+    python bench/compare.py --rounds 3          # every engine 3 times, interleaved: medians (noisy machines)
 
 Quantized rows: ours with LLM(quantization='int8' / 'int4') against llama.cpp Q8_0 / Q4_0 files made from the same
 bf16 GGUF by llama.cpp's own quantizer (bench/gguf_quantize.py); llama.cpp's quantized rows get their prompts one
@@ -15,6 +16,11 @@ cores): batch-1 decode tokens/s and 128-token prefill tokens/s (bench/latency.py
 llama.cpp and the issue's targets, the machine it ran on and its measured memory bandwidth; writes
 bench/results/compare-<date>.json and a bar chart bench/results/compare-<date>.png (matplotlib). Needs the bench
 extras: `pip install .[bench]` (transformers, gguf, matplotlib); llama-cpp-python is installed on demand.
+
+--rounds N runs the whole engine list N times, one round after another (ours and its peer minutes apart, not a
+round apart): the table shows each figure's median over rounds, the ratios are medians of the per-round ratios, and
+each round's decode figures are printed. On the shared VMs here a figure moved by up to 1.6x between runs minutes
+apart (the same code, int4 decode 36.4 then 22.4 tok/s): single-round ratios can mislead.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import datetime
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp-prompts", type=int, default=32)
     p.add_argument("--tp-input-len", type=int, default=128)
     p.add_argument("--tp-output-len", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=1, help="run the engine list this many times, interleaved "
+                   "(medians; see the module doc)")
     p.add_argument("--engines", default=ALL_ENGINES, help=f"comma-separated subset of {ALL_ENGINES}")
     p.add_argument("--no-install", action="store_true", help="never pip-install llama-cpp-python")
     p.add_argument("--quick", action="store_true", help="tiny lengths: check that everything runs")
@@ -189,30 +198,28 @@ def main(argv: list[str] | None = None) -> None:
                 "--num-iters", str(args.num_iters), "--prefill-iters", str(args.prefill_iters)]
     tp_args = ["--model", model, "--num-prompts", str(args.tp_prompts),
                "--input-len", str(args.tp_input_len), "--output-len", str(args.tp_output_len)]
-    results: dict[str, dict] = {}
-    for eng in engines:
-        kind = eng.partition("-")[2]  # int8 / int4 / Q8_0 / Q4_0, "" for the unquantized rows
-        backend = "hf" if eng == "hf" else "llama.cpp" if eng.startswith("llama.cpp") else args.backend
-        extra = ["--dtype", hf_dtype if eng == "hf" else args.dtype]
-        if backend == "llama.cpp":
-            extra += ["--gguf", ggufs[kind or "bf16"]] + (["--one-token-evals"] if kind else [])
-        lat = run_json("latency.py", "--backend", backend, *lat_args, *extra,
-                       *(["--quantization", kind] if eng.startswith("ours-") else []))
-        tp = None
-        if backend != "llama.cpp":
-            tp = run_json("throughput.py", "--backend", backend, *tp_args, *extra,
-                          *(["--quantization", kind] if eng.startswith("ours-") else []))
-        results[eng] = {"latency": lat, "throughput": tp}
+    results: dict[str, list[dict]] = {eng: [] for eng in engines}  # per engine, one entry per round
+    for rnd in range(max(1, args.rounds)):
+        for eng in engines:
+            kind = eng.partition("-")[2]  # int8 / int4 / Q8_0 / Q4_0, "" for the unquantized rows
+            backend = "hf" if eng == "hf" else "llama.cpp" if eng.startswith("llama.cpp") else args.backend
+            extra = ["--dtype", hf_dtype if eng == "hf" else args.dtype]
+            if backend == "llama.cpp":
+                extra += ["--gguf", ggufs[kind or "bf16"]] + (["--one-token-evals"] if kind else [])
+            lat = run_json("latency.py", "--backend", backend, *lat_args, *extra,
+                           *(["--quantization", kind] if eng.startswith("ours-") else []))
+            tp = None
+            if backend != "llama.cpp":
+                tp = run_json("throughput.py", "--backend", backend, *tp_args, *extra,
+                              *(["--quantization", kind] if eng.startswith("ours-") else []))
+            results[eng].append({"latency": lat, "throughput": tp})
+        if args.rounds > 1:
+            print(f"[compare] round {rnd + 1}: decode tok/s " + ", ".join(
+                f"{eng} {(results[eng][-1]['latency'] or {}).get('decode_tok_s') or 0:.1f}" for eng in engines),
+                flush=True)
 
-    rows = {}
-    for eng, r in results.items():
-        lat, tp = r["latency"] or {}, r["throughput"] or {}
-        rows[eng] = {"name": f"{lat.get('engine') or tp.get('engine') or eng} {lat.get('dtype') or tp.get('dtype')}",
-                     "decode_tok_s": lat.get("decode_tok_s"), "prefill_tok_s": lat.get("prefill_tok_s"),
-                     "ttft_ms": lat["ttft_s"] * 1e3 if lat.get("ttft_s") else None,
-                     "throughput_tok_s": tp.get("output_tok_s"), "weight_gbps": lat.get("decode_weight_gbps"),
-                     "rss_gb": lat["rss_after_load_bytes"] / 1e9 if lat.get("rss_after_load_bytes") else None,
-                     "bw_pct": 100 * lat["decode_weight_gbps"] / bw if bw and lat.get("decode_weight_gbps") else None}
+    per_round = {eng: [row_of(r, eng, bw) for r in runs] for eng, runs in results.items()}
+    rows = {eng: median_row(rs) for eng, rs in per_round.items()}
 
     metrics = ["decode_tok_s", "prefill_tok_s", "throughput_tok_s"]
     print(f"\n== stablelm-fast vs HF transformers vs llama.cpp | {os.path.basename(model)} {args.dtype} | "
@@ -233,8 +240,9 @@ def main(argv: list[str] | None = None) -> None:
                                "weights GB/s", "% of bw", "RSS after load GB"])
     ratios = {}
     for mine, base in PAIRS:
-        if base in rows and mine in rows:
-            ratios[base] = {m: ratio(rows[mine].get(m), rows[base].get(m)) for m in metrics}
+        if base in rows and mine in rows:  # the median of the per-round ratios (one round: the ratio)
+            ratios[base] = {m: median([ratio(a.get(m), b.get(m)) for a, b in zip(per_round[mine], per_round[base])])
+                            for m in metrics}
             print(f"{mine} / {base}: " + ", ".join(f"{m.replace('_tok_s', '')} {v:.2f}x" if v else f"{m} n/a"
                                                    for m, v in ratios[base].items()))
     verdicts = {}
@@ -254,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     common.write_json(out_json, {
         "date": stamp, "machine": info, "limits": limits, "model": model, "dtype": args.dtype,
         "settings": {k: getattr(args, k) for k in ("input_len", "output_len", "num_iters", "tp_prompts",
-                                                   "tp_input_len", "tp_output_len", "backend", "quick")},
+                                                   "tp_input_len", "tp_output_len", "backend", "quick", "rounds")},
         "hf_dtype": hf_dtype, "hf_dtype_probe": hf_probe, "summary": rows, "ratios": ratios, "targets": verdicts, "llama_cpp": llama_note,
         "raw": results, "seconds": time.time() - t_start})
     print(f"wrote {out_json}")
@@ -264,6 +272,27 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {out_png}")
         except Exception as e:  # the figures above are the result; a plotting problem must not lose them
             print(f"[compare] no chart: {type(e).__name__}: {e}")
+
+
+def row_of(run: dict, eng: str, bw: float | None) -> dict:
+    """One round of one engine -> its table row."""
+    lat, tp = run["latency"] or {}, run["throughput"] or {}
+    return {"name": f"{lat.get('engine') or tp.get('engine') or eng} {lat.get('dtype') or tp.get('dtype')}",
+            "decode_tok_s": lat.get("decode_tok_s"), "prefill_tok_s": lat.get("prefill_tok_s"),
+            "ttft_ms": lat["ttft_s"] * 1e3 if lat.get("ttft_s") else None,
+            "throughput_tok_s": tp.get("output_tok_s"), "weight_gbps": lat.get("decode_weight_gbps"),
+            "rss_gb": lat["rss_after_load_bytes"] / 1e9 if lat.get("rss_after_load_bytes") else None,
+            "bw_pct": 100 * lat["decode_weight_gbps"] / bw if bw and lat.get("decode_weight_gbps") else None}
+
+
+def median(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def median_row(rows: list[dict]) -> dict:
+    """Rounds of one engine -> one row: each figure's median over the rounds that measured it."""
+    return {k: rows[0][k] if k == "name" else median([r[k] for r in rows]) for k in rows[0]}
 
 
 def plot(rows: dict, metrics: list[str], path: str, info: dict, args: argparse.Namespace) -> str:
