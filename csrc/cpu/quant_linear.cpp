@@ -13,6 +13,7 @@
 // Threads own disjoint ranges of output panels (gate_up: a panel of Wg and the same panel of Wu). At M = 1 the
 // vnni kernel takes four panels at a time (micro_vnni4: four streams of W; measured ~1.2x one panel for int8).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -296,11 +297,14 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
                   : kernel == Kernel::kAvx2 ? &micro_avx2
                                             : &micro_scalar;
     const int64_t tmax = kernel == Kernel::kAvx2 ? kAvx2T : kernel == Kernel::kScalar ? kScalarT : kVnniT;
-    at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+    // NOTE: units of panels claimed from a shared counter rather than split in halves up front (vnni_gemm.cpp)
+    const bool four = kernel == Kernel::kVnni && M == 1;
+    const int64_t per_unit = four ? (gate_up ? 2 : 4) : 1, n_units = (n_panels + per_unit - 1) / per_unit;
+    std::atomic<int64_t> next{0};
+    auto run_panels = [&](int64_t p, int64_t p1) {  // panels [p, p1)
       alignas(64) float c[kVnniT * kPanel], cu[kVnniT * kPanel];
-      int64_t p = p0;
-      if (kernel == Kernel::kVnni && M == 1) {  // decode: four panels (gate_up: two of Wg, two of Wu) at a time
-        const int64_t step = gate_up ? 2 : 4;
+      if (four) {  // decode: four panels (gate_up: two of Wg, two of Wu) at a time
+        const int64_t step = per_unit;
         alignas(64) float c4[4 * kPanel];
         for (; p + step <= p1; p += step) {
           Panel ws[4];
@@ -325,6 +329,10 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
                ldo);
         }
       }
+    };
+    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_units), 1, [&](int64_t, int64_t) {
+      for (int64_t u = next.fetch_add(1); u < n_units; u = next.fetch_add(1))
+        run_panels(u * per_unit, std::min(n_panels, (u + 1) * per_unit));
     });
   });
 }

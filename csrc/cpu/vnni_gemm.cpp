@@ -10,6 +10,7 @@
 //     for each group of 6 tokens: micro-kernel over K, epilogue straight to out (bias / silu(gate) * up, bf16)
 // At M <= 6 there is one group: the weights stream from DRAM once, four panels at a time.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -120,10 +121,13 @@ SLF_AVX512BF16 void run(const bf16* x, int64_t ldx, int64_t M, int64_t K, const 
   // A chunk: per_chunk output panels (gate_up: the same panels of Wg and Wu).
   const int per_chunk = gate_up ? kMaxPanels / 2 : kMaxPanels;
   const int64_t n_chunks = (n_panels + per_chunk - 1) / per_chunk;
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+  // NOTE: chunks claimed from a shared counter, not split in halves up front: on a shared machine one thread is
+  // often held up for a while, and with a static split the other then waits at the end of every GEMM.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_chunks), 1, [&](int64_t, int64_t) {
     alignas(64) float c[kTok * kMaxPanels * kPanel];
     const uint32_t* w[kMaxPanels];
-    for (int64_t ch = c0; ch < c1; ++ch) {
+    for (int64_t ch = next.fetch_add(1); ch < n_chunks; ch = next.fetch_add(1)) {
       const int64_t p0 = ch * per_chunk;
       const int np_out = static_cast<int>(std::min<int64_t>(per_chunk, n_panels - p0));
       for (int q = 0; q < np_out; ++q)
