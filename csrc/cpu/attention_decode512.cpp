@@ -1,5 +1,5 @@
-// Decode attention tiles with AVX-512 (16 fp32 lanes): the same loops as attention.cpp's AVX2 decode_qk / decode_pv
-// (keys outermost, each K / V row widened to fp32 once for the GQA group's q heads), twice the lanes per
+// Decode attention tiles with AVX-512 (16 fp32 lanes): the same loops as attention_decode.cpp's AVX2 decode_qk /
+// decode_pv (keys outermost, each K / V row widened to fp32 once for the GQA group's q heads), twice the lanes per
 // instruction, and four keys' dot products reduced together.
 #include "cpu/attention_tile.h"
 

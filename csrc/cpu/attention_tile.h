@@ -31,7 +31,8 @@ void tile_attention_item(bool avx512, int64_t t0, int64_t t1, int64_t kv_head, s
 
 namespace slf::cpu {
 
-// Decode tiles with 16-lane AVX-512 (csrc/cpu/attention_decode512.cpp; attention.cpp has the AVX2 / scalar ones):
+// Decode tiles with 16-lane AVX-512 (csrc/cpu/attention_decode512.cpp; attention_decode.cpp has the AVX2 / scalar
+// ones):
 // scores[r * ld + j] = q_r . k_j * scale and acc[r] += scores[r * ld + j] * v_j for the jn keys at cache offsets
 // off[j] (first kv head of the item); row r reads kv head r / group.
 template <typename scalar_t>

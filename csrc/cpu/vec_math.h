@@ -34,7 +34,7 @@ SLF_AVX2 static inline __m256 exp8(__m256 x) {
 }
 
 // s[j] = exp(s[j] - m) for j < n (8 lanes, the tail in scalars); returns their sum: the exponentials of one
-// online-softmax step (attention.cpp, attention_tile.cpp).
+// online-softmax step (attention_common.h, attention_tile.cpp).
 SLF_AVX2 static inline float exp_sub_sum(float* s, int64_t n, float m) {
   const __m256 vm = _mm256_set1_ps(m);
   __m256 acc = _mm256_setzero_ps();
