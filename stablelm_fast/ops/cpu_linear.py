@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import stablelm_fast._C  # noqa: F401  (registers torch.ops.stablelm_fast)
-from stablelm_fast.ops.extension import silu_and_mul
+from stablelm_fast.ops.extension import as_rows, silu_and_mul
 
 _ops = torch.ops.stablelm_fast
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -62,11 +62,6 @@ def pack_linear_weight(weight: torch.Tensor, halves: bool = False) -> torch.Tens
     return out
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def _check(x: torch.Tensor, packed: torch.Tensor) -> None:
     if x.dtype != packed.dtype:
         raise ValueError(f"x is {x.dtype} but the packed weight is {packed.dtype}: both must have the same dtype")
@@ -91,34 +86,24 @@ def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] (or [..., K]); weight: [N, K] or packed by pack_linear_weight; bias: [N] -> [M, N]."""
-    if x.dim() == 2 and weight.dim() == 3 and x.stride(1) == 1:  # the model's call: no reshapes (~1.5 us each)
-        _check(x, weight)
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-        _ops.linear(out, x, weight, bias)
-        return out
-    lead = x.shape[:-1]
-    x2 = _rows(x)
+    x2 = as_rows(x)
     if weight.dim() != 3:
-        return _torch_linear(x2, weight, bias).view(*lead, weight.shape[0])
-    _check(x, weight)
-    out = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    _ops.linear(out, x2, weight, bias)
-    return out.view(*lead, weight.shape[0])
+        out = _torch_linear(x2, weight, bias)
+    else:
+        _check(x, weight)
+        out = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        _ops.linear(out, x2, weight, bias)
+    return out if x2 is x else out.view(*x.shape[:-1], weight.shape[0])
 
 
 def gate_up_silu(x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
     """x: [M, H]; gate_up_weight: [2I, H] (or packed with halves=True) -> silu(x Wg^T) * (x Wu^T): [M, I]."""
+    x2 = as_rows(x)
     inter = gate_up_weight.shape[0] // 2
-    if x.dim() == 2 and gate_up_weight.dim() == 3 and x.stride(1) == 1:
-        _check(x, gate_up_weight)
-        out = torch.empty(x.shape[0], inter, dtype=x.dtype, device=x.device)
-        _ops.gate_up_silu(out, x, gate_up_weight)
-        return out
-    lead = x.shape[:-1]
-    x2 = _rows(x)
     if gate_up_weight.dim() != 3:
-        return silu_and_mul(_torch_linear(x2, gate_up_weight, None)).view(*lead, inter)
-    _check(x, gate_up_weight)
-    out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
-    _ops.gate_up_silu(out, x2, gate_up_weight)
-    return out.view(*lead, inter)
+        out = silu_and_mul(_torch_linear(x2, gate_up_weight, None))
+    else:
+        _check(x, gate_up_weight)
+        out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
+        _ops.gate_up_silu(out, x2, gate_up_weight)
+    return out if x2 is x else out.view(*x.shape[:-1], inter)

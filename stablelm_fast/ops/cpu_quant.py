@@ -20,6 +20,7 @@ import torch
 
 import stablelm_fast._C  # noqa: F401  (registers torch.ops.stablelm_fast)
 from stablelm_fast.ops import quant_reference as qref
+from stablelm_fast.ops.extension import as_rows
 
 _ops = torch.ops.stablelm_fast
 _PANEL = 16
@@ -106,17 +107,10 @@ def _run(x, qweight, scales, zeros, bias, bits, group_size, gate_up: bool) -> to
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but the packed weight takes K = {k}")
     n_out = qweight.shape[0] // 2 if gate_up else qweight.shape[0]
-    if x.dim() == 2 and x.stride(1) == 1:  # the model's call: no reshapes (~1.5 us each, ~100 calls a step)
-        out = torch.empty(x.shape[0], n_out, dtype=x.dtype)
-        _ops.cpu_quant_linear(out, x, qweight, scales, zeros, bias, bits, group_size, gate_up)
-        return out
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x)
     out = torch.empty(x2.shape[0], n_out, dtype=x.dtype)
     _ops.cpu_quant_linear(out, x2, qweight, scales, zeros, bias, bits, group_size, gate_up)
-    return out.view(*lead, n_out)
+    return out if x2 is x else out.view(*x.shape[:-1], n_out)
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
