@@ -93,11 +93,12 @@ void decode_pv_scalar(float* acc, int64_t rows, int64_t group, int64_t d, const 
 // shape 10.9 -> 3.1 ms (16% -> 51% of the memory bandwidth), 12B shape (GQA 4, D = 160) 6.8 -> 3.8 ms.
 template <typename scalar_t, bool kAvx2>
 void decode_item(const DecodeItem& it, scalar_t* out, const scalar_t* q, const scalar_t* k_cache,
-                 const scalar_t* v_cache, const int32_t* block_table, int64_t ctx, int64_t group, int64_t head_dim,
-                 int64_t block_size, int64_t q_tok_stride, int64_t q_head_stride, int64_t out_tok_stride,
-                 int64_t out_head_stride, int64_t c_block_stride, int64_t c_tok_stride, int64_t c_head_stride,
-                 float scale, bool avx512, std::vector<float>& qbuf, std::vector<float>& acc,
-                 std::vector<float>& scores, float* partials) {
+                 const scalar_t* v_cache, const int32_t* block_table, const TileGeom& g, bool avx512,
+                 std::vector<float>& qbuf, std::vector<float>& acc, std::vector<float>& scores, float* partials) {
+  const int64_t group = g.group, head_dim = g.head_dim, block_size = g.block_size, c_head_stride = g.c_head_stride;
+  const int64_t q_tok_stride = g.q_tok_stride, q_head_stride = g.q_head_stride, out_tok_stride = g.out_tok_stride,
+                out_head_stride = g.out_head_stride, c_block_stride = g.c_block_stride, c_tok_stride = g.c_tok_stride;
+  const float scale = g.scale;
   const int64_t t = it.t0, h0 = it.kv_head * group, rows = it.kv_heads * group;  // row r: q head h0 + r
   SoftmaxState st[kMaxRows];
   std::vector<float> kf(head_dim);
@@ -223,9 +224,8 @@ void run_decode(scalar_t* out, const scalar_t* q, const scalar_t* k_cache, const
       const DecodeItem& it = items[i];
       auto run = [&](auto avx2_tag) {
         decode_item<scalar_t, decltype(avx2_tag)::value>(
-            it, out, q, k_cache, v_cache, block_tables + it.seq * bt_stride, context_lens[it.seq], group, head_dim,
-            block_size, g.q_tok_stride, g.q_head_stride, g.out_tok_stride, g.out_head_stride, g.c_block_stride,
-            g.c_tok_stride, g.c_head_stride, g.scale, avx512, qbuf, acc, scores, partials.data());
+            it, out, q, k_cache, v_cache, block_tables + it.seq * bt_stride, g, avx512, qbuf, acc, scores,
+            partials.data());
       };
       if (avx2)
         run(std::true_type{});

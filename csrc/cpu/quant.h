@@ -25,6 +25,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "cpu/isa.h"
 
@@ -51,7 +52,20 @@ struct Act {
   const float* gs = nullptr;   // [M][K / G]: X_g
   const float* f = nullptr;    // [M][K] fp32
   int64_t K = 0, B = 0, ng = 0;
+  // token t's part of each of the above
+  const int8_t* q_row(int64_t t) const { return q + t * K; }
+  const float* bs_row(int64_t t) const { return bs + t * (K / B); }
+  const int32_t* bsum_row(int64_t t) const { return bsum + t * (K / B); }
+  const float* gs_row(int64_t t) const { return gs + t * ng; }
+  const float* f_row(int64_t t) const { return f + t * K; }
 };
+
+// 4 bytes of xq as one int32 (the operand broadcast to every lane of vpdpbusd / vpmaddubsw).
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
 
 // c[t][0:16] = panel . x[t0 + t] for t < T, fp32. T <= the kernel's kMaxT.
 using Micro = void (*)(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c);

@@ -5,7 +5,6 @@
 //   int4: per 32-byte half, two nibble rows (mask, shift); vpmaddubsw(u4, xq) summed in int16 over the block (at
 //        most 8 of them per block of 32 k: |sum| <= 8 * 2 * 15 * 127 < 32768), one vpmaddwd per block.
 // Per block of B k the int32 sums -> fp32 x (sx * scale), as in quant_vnni.cpp.
-#include <cstring>
 
 #include <immintrin.h>
 
@@ -18,25 +17,19 @@ namespace {
 
 constexpr int64_t kAhead = 1024;
 
-inline int32_t load4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
 template <int T, int BITS>
 SLF_AVX2 void avx2(const Panel& w, const Act& x, int64_t t0, float* c) {
-  const int64_t ng = w.K / w.G, nb = w.G / x.B, rows = x.B / 4, nblk = w.K / x.B;
+  const int64_t ng = w.K / w.G, nb = w.G / x.B, rows = x.B / 4;
   const uint8_t* q = w.q;
   const int8_t* xq[T];
   const float *bs[T], *gs[T];
   const int32_t* bsum[T];
   __m256 acc[T][2];
   for (int t = 0; t < T; ++t) {
-    xq[t] = x.q + (t0 + t) * x.K;
-    bs[t] = x.bs + (t0 + t) * nblk;
-    bsum[t] = x.bsum + (t0 + t) * nblk;
-    gs[t] = x.gs + (t0 + t) * ng;
+    xq[t] = x.q_row(t0 + t);
+    bs[t] = x.bs_row(t0 + t);
+    bsum[t] = x.bsum_row(t0 + t);
+    gs[t] = x.gs_row(t0 + t);
     acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   }
   const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f);

@@ -107,7 +107,7 @@ void micro_scalar(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c)
         }
       }
       for (int64_t t = 0; t < T; ++t) {
-        const float* xr = x.f + (t0 + t) * x.K + k;
+        const float* xr = x.f_row(t0 + t) + k;
         for (int64_t f = 0; f < kPanel; ++f)
           c[t * kPanel + f] += xr[0] * wf[f][0] + xr[1] * wf[f][1] + xr[2] * wf[f][2] + xr[3] * wf[f][3];
       }
