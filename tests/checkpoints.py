@@ -12,6 +12,14 @@ from stablelm_fast.tiny import TINY_CONFIGS, build_tokenizer, hf_config, to_lega
 VARIANTS = ("stablelm-2-1_6b", "stablelm-zephyr-3b", "stablelm-2-12b")
 
 
+def update_json(path: str, **updates) -> None:
+    """Set keys of a JSON file in place (a checkpoint's config.json, tokenizer_config.json)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({**data, **updates}, f)
+
+
 def make_hf_checkpoint(out_dir: str, variant: str, seed: int = 0, overrides: dict | None = None) -> str:
     """transformers' StableLmForCausalLM(config).save_pretrained(out_dir) + our tokenizer. The 3B-like variant's
     config.json is rewritten in the legacy StableLMEpoch spelling, as on the hub."""

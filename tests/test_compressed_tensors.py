@@ -5,9 +5,6 @@ what the format can say beyond weight-only int4 / int8 is refused naming it."""
 from __future__ import annotations
 
 import copy
-import json
-import os
-import shutil
 
 import pytest
 import torch
@@ -17,7 +14,7 @@ from stablelm_fast.ops.quant_reference import dequantize_weight, pack_int4
 from stablelm_fast.quantization.config import _from_checkpoint
 from stablelm_fast.quantization.formats import compressed_tensors_to_canonical
 from tests.quant_checkpoint_writers import ct_quant_config, pack_ct, quantize_layer, write_compressed_tensors
-from tests.quant_run import BUILTIN, KW, run_engine as _run
+from tests.quant_run import BUILTIN, KW, assert_same_run, config_only_copy, run_engine as _run
 
 IGNORE_SOME = ("lm_head", "model.layers.0.self_attn.o_proj", r"re:.*layers\.2\.mlp\.(gate|up)_proj$")
 
@@ -25,9 +22,7 @@ IGNORE_SOME = ("lm_head", "model.layers.0.self_attn.o_proj", r"re:.*layers\.2\.m
 def _check_same(q: str, ref: str, **kw) -> None:
     tokens, lps = _run(q, **kw)
     want_tokens, want_lps = _run(ref)
-    assert tokens == want_tokens
-    for got, want in zip(lps, want_lps):
-        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert_same_run((tokens, lps), (want_tokens, want_lps))
 
 
 @pytest.mark.parametrize("bits,group,sym", [(4, 64, True), (4, 32, False), (4, -1, False), (8, -1, True),
@@ -126,17 +121,7 @@ def test_parsed_config():
 
 
 def _config_only(tmp_path, quant_config: dict) -> str:
-    """config.json (with quant_config) and tokenizer only: refusals that come before any weight is read."""
-    q = str(tmp_path / "q")
-    os.makedirs(q, exist_ok=True)
-    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(BUILTIN, f), q)
-    with open(os.path.join(q, "config.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
-    cfg["quantization_config"] = quant_config
-    with open(os.path.join(q, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg, f)
-    return q
+    return config_only_copy(str(tmp_path / "q"), quant_config)
 
 
 def test_engine_refusals(tmp_path):

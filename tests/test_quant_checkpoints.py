@@ -3,17 +3,11 @@ layouts) give the same prompt logprobs and greedy tokens as the same model dequa
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-
 import pytest
-import torch
 
 from stablelm_fast import LLM
 from tests.quant_checkpoint_writers import write_prequantized
-
-from tests.quant_run import BUILTIN, KW, run_engine as _run
+from tests.quant_run import BUILTIN, KW, assert_same_run, config_only_copy, run_engine as _run
 
 
 # NOTE: GPTQ without act-order, asymmetric, is the tensor-parallel test's checkpoint below
@@ -23,9 +17,7 @@ def test_prequantized_matches_dequantized_reference(tmp_path, method, group, sym
     write_prequantized(BUILTIN, q, ref, method, group, sym=sym, desc_act=desc_act)
     tokens, lps = _run(q)  # quant_method detected from config.json
     want_tokens, want_lps = _run(ref)
-    assert tokens == want_tokens
-    for got, want in zip(lps, want_lps):
-        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert_same_run((tokens, lps), (want_tokens, want_lps))
 
 
 @pytest.mark.xdist_group("tp")
@@ -35,21 +27,13 @@ def test_gptq_under_tensor_parallelism(tmp_path):
     write_prequantized(BUILTIN, q, ref, "gptq", 64, sym=False)
     tokens, lps = _run(q, tensor_parallel_size=2, quantization="gptq")
     want_tokens, want_lps = _run(ref)
-    assert tokens == want_tokens
-    for got, want in zip(lps, want_lps):
-        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert_same_run((tokens, lps), (want_tokens, want_lps))
 
 
 def test_prequantized_refusals(tmp_path):
-    q = str(tmp_path / "q")  # config.json and tokenizer only: every refusal comes before the weights are read
-    os.makedirs(q)
-    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(BUILTIN, f), q)
-    with open(os.path.join(q, "config.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True}
-    with open(os.path.join(q, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg, f)
+    # config.json and tokenizer only: every refusal comes before the weights are read
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True}
+    q = config_only_copy(str(tmp_path / "q"), gptq)
     with pytest.raises(ValueError, match="already quantized"):
         LLM(q, quantization="int4", **KW)
     with pytest.raises(ValueError, match="quant_method 'awq'"):
@@ -58,9 +42,7 @@ def test_prequantized_refusals(tmp_path):
         LLM(BUILTIN, quantization="gptq", **KW)
     with pytest.raises(ValueError, match="dummy"):
         LLM(q, load_format="dummy", **KW)
-    cfg["quantization_config"]["bits"] = 8
-    with open(os.path.join(q, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg, f)
+    config_only_copy(q, {**gptq, "bits": 8})
     with pytest.raises(ValueError, match="bits=8 are not supported"):
         LLM(q, **KW)
 

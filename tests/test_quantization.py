@@ -15,7 +15,7 @@ from stablelm_fast import LLM
 from stablelm_fast.ops.quant_reference import dequantize_weight, quantize_weight
 from stablelm_fast.quantization import QuantConfig, resolve_quant_config
 
-from tests.quant_run import BUILTIN, KW, run_engine as _run
+from tests.quant_run import BUILTIN, KW, assert_same_run, run_engine as _run
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -46,9 +46,7 @@ def test_quantized_at_load_runs_the_reference_quantizer_weights(tmp_path):
     tokens, lps = _run(BUILTIN, quantization="int4", quantization_config={"group_size": 64, "sym": True,
                                                                           "lm_head": True})
     want_tokens, want_lps = _run(ref)
-    assert tokens == want_tokens
-    for got, want in zip(lps, want_lps):
-        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert_same_run((tokens, lps), (want_tokens, want_lps))
 
 
 @pytest.mark.xdist_group("tp")
@@ -58,9 +56,7 @@ def test_int4_under_tensor_parallelism(tmp_path):
     ref = _dequantized_copy(str(tmp_path / "ref"), 4, 64, False, "int8")
     tokens, lps = _run(BUILTIN, tensor_parallel_size=2, quantization="int4", quantization_config={"group_size": 64})
     want_tokens, want_lps = _run(ref)
-    assert tokens == want_tokens
-    for got, want in zip(lps, want_lps):
-        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert_same_run((tokens, lps), (want_tokens, want_lps))
 
 
 def test_resident_weights_are_the_quantized_ones():

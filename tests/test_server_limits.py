@@ -14,6 +14,7 @@ from stablelm_fast import AsyncLLM
 from stablelm_fast.server import create_app
 from stablelm_fast.server.protocol import MAX_N, MAX_PROMPTS
 from stablelm_fast.tiny import CHATML_TEMPLATE, make_tiny_checkpoint
+from tests.checkpoints import update_json
 
 pytestmark = pytest.mark.xdist_group("server")
 
@@ -27,11 +28,7 @@ TEMPLATE = "{% if greeting is defined %}{{ greeting + '\\n' }}{% endif %}" + CHA
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     model_dir = make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-limits")), "stablelm-2-1_6b", seed=2)
-    path = os.path.join(model_dir, "tokenizer_config.json")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({**config, "chat_template": TEMPLATE}, f)
+    update_json(os.path.join(model_dir, "tokenizer_config.json"), chat_template=TEMPLATE)
     engine = AsyncLLM(model_dir, dtype="float32", backend="torch")
     yield engine, create_app(engine, served_model_name=MODEL, api_key=KEY)
     engine.shutdown()

@@ -18,6 +18,7 @@ from stablelm_fast import AsyncLLM
 from stablelm_fast.cli import build_parser
 from stablelm_fast.server import create_app
 from stablelm_fast.tiny import CHATML_TEMPLATE, make_tiny_checkpoint
+from tests.checkpoints import update_json
 
 from live_server import LiveServer
 
@@ -31,15 +32,9 @@ MESSAGES = [{"role": "user", "content": "Hi there!"}]
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     model_dir = make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-live")), "stablelm-2-1_6b", seed=3)
-    path = os.path.join(model_dir, "tokenizer_config.json")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({**config, "chat_template": CHATML_TEMPLATE}, f)
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    with open(os.path.join(model_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump({**config, "max_position_embeddings": 1024}, f)  # room for a tool prompt (random weights anyway)
+    update_json(os.path.join(model_dir, "tokenizer_config.json"), chat_template=CHATML_TEMPLATE)
+    # room for a tool prompt (random weights anyway)
+    update_json(os.path.join(model_dir, "config.json"), max_position_embeddings=1024)
     engine = AsyncLLM(model_dir, dtype="float32", backend="torch", disable_log_stats=True)
     app = create_app(engine, served_model_name=MODEL, max_pending_seqs=MAX_PENDING)
     with LiveServer(app) as url:

@@ -10,6 +10,18 @@ from stablelm_fast.ops import reference as ref
 HEADS = [(64, 2, 2, 16), (80, 4, 1, 8), (160, 4, 2, 16)]
 
 
+def _check(backend, dtype, ctxs, head_dim, hq, hkv, block_size, g):
+    """One decode step of len(ctxs) sequences over a NaN-poisoned paged cache: the backend against the reference."""
+    k, v, tables = paged_kv(ctxs, hkv, head_dim, block_size, dtype, g)
+    q = torch.randn(len(ctxs), hq, head_dim, generator=g).to(dtype)
+    lens = torch.tensor(ctxs, dtype=torch.int32)
+    dev = device(backend)
+    got = op(backend, "paged_attention_decode")(q.to(dev), k.to(dev), v.to(dev), tables.to(dev), lens.to(dev),
+                                                head_dim ** -0.5)
+    assert not got.isnan().any()
+    close(got, ref.paged_attention_decode(q, k, v, tables, lens, head_dim ** -0.5), dtype, fp32=2e-4)
+
+
 @pytest.mark.parametrize("backend", implementations("paged_attention_decode"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", TOKEN_COUNTS)
@@ -19,15 +31,7 @@ def test_paged_attention_decode(backend, dtype, batch, head_dim, hq, hkv, block_
     if batch > 100 and head_dim != 64:
         pytest.skip("the reference loops over sequences in Python: 1031 sequences at one head size")
     g = torch.Generator().manual_seed(batch + head_dim)
-    ctxs = torch.randint(1, 70, (batch,), generator=g).tolist()
-    k, v, tables = paged_kv(ctxs, hkv, head_dim, block_size, dtype, g)
-    q = torch.randn(batch, hq, head_dim, generator=g).to(dtype)
-    lens = torch.tensor(ctxs, dtype=torch.int32)
-    dev = device(backend)
-    got = op(backend, "paged_attention_decode")(q.to(dev), k.to(dev), v.to(dev), tables.to(dev), lens.to(dev),
-                                                head_dim ** -0.5)
-    assert not got.isnan().any()
-    close(got, ref.paged_attention_decode(q, k, v, tables, lens, head_dim ** -0.5), dtype, fp32=2e-4)
+    _check(backend, dtype, torch.randint(1, 70, (batch,), generator=g).tolist(), head_dim, hq, hkv, block_size, g)
 
 
 @pytest.mark.parametrize("backend", implementations("paged_attention_decode"))
@@ -38,15 +42,7 @@ def test_long_contexts_of_small_batches(backend, dtype, ctxs, head_dim, hq, hkv,
     """Few sequences: the CPU kernel splits each context into parts (whole cache blocks, >= 32 keys) run apart
     and merged; all heads of a row in one part (hq = 32: the 1.6B's MHA rows)."""
     skip_unsupported(backend, dtype, len(ctxs), max_interpreted_tokens=8)
-    g = torch.Generator().manual_seed(sum(ctxs) + head_dim)
-    k, v, tables = paged_kv(ctxs, hkv, head_dim, block_size, dtype, g)
-    q = torch.randn(len(ctxs), hq, head_dim, generator=g).to(dtype)
-    lens = torch.tensor(ctxs, dtype=torch.int32)
-    dev = device(backend)
-    got = op(backend, "paged_attention_decode")(q.to(dev), k.to(dev), v.to(dev), tables.to(dev), lens.to(dev),
-                                                head_dim ** -0.5)
-    assert not got.isnan().any()
-    close(got, ref.paged_attention_decode(q, k, v, tables, lens, head_dim ** -0.5), dtype, fp32=2e-4)
+    _check(backend, dtype, ctxs, head_dim, hq, hkv, block_size, torch.Generator().manual_seed(sum(ctxs) + head_dim))
 
 
 def test_opcheck():
