@@ -37,6 +37,13 @@ def _ws(s: str, i: int) -> int:
     return i
 
 
+def _past(s: str, j: int, ch: str) -> int:
+    """s[j] must be the separator ch (',' or ':'): the index of what follows it, past whitespace."""
+    if s[j] != ch:
+        raise ValueError(f"expected {ch!r}")
+    return _ws(s, j + 1)
+
+
 _STRING_REST = re.compile(r'(?:[^"\\]|\\.)*"', re.S)  # a string's characters and escapes, then its closing quote
 
 
@@ -62,16 +69,12 @@ def _value_end(s: str, i: int, depth: int = 0) -> int:
             if s[j] == close:
                 return j + 1
             if not first:
-                if s[j] != ",":
-                    raise ValueError("expected ','")
-                j = _ws(s, j + 1)
+                j = _past(s, j, ",")
             if c == "{":
                 if s[j] != '"':
                     raise ValueError("expected a key")
                 j = _ws(s, _string_end(s, j))
-                if s[j] != ":":
-                    raise ValueError("expected ':'")
-                j = _ws(s, j + 1)
+                j = _past(s, j, ":")
             j = _value_end(s, j, depth + 1)
             first = False
     j = i
@@ -104,9 +107,7 @@ def _scan_call(s: str, j: int, calls: list[_Call]) -> int:
             call.closed = True
             return j + 1
         if not first:
-            if s[j] != ",":
-                raise ValueError("expected ','")
-            j = _ws(s, j + 1)
+            j = _past(s, j, ",")
         if s[j] != '"':
             raise ValueError("expected a key")
         key_end = _string_end(s, j)
@@ -114,9 +115,7 @@ def _scan_call(s: str, j: int, calls: list[_Call]) -> int:
         if key not in CALL_KEYS:
             raise ValueError(f"unexpected key {key!r}")
         j = _ws(s, key_end)
-        if s[j] != ":":
-            raise ValueError("expected ':'")
-        j = _ws(s, j + 1)
+        j = _past(s, j, ":")
         if key == "name":
             if s[j] != '"' or call.name is not None:
                 raise ValueError("the name must be one string")
@@ -146,9 +145,7 @@ def scan_calls(s: str, i: int) -> tuple[list[_Call], int | None]:
             if s[j] == "]" and not first:
                 return calls, j + 1
             if not first:
-                if s[j] != ",":
-                    raise ValueError("expected ','")
-                j = _ws(s, j + 1)
+                j = _past(s, j, ",")
             if s[j] != "{":
                 raise ValueError("a call is an object")
             j, first = _scan_call(s, j, calls), False
