@@ -82,24 +82,26 @@ _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 def file_mapper(path: str) -> Callable[[str], Optional[torch.Tensor]]:
     """name -> that tensor of a safetensors file as a view of the file mapped privately (copy-on-write; pages are
-    read from the page cache as they are touched and can be dropped again), or None where that cannot be done."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    storage: list = []
+    read from the page cache as they are touched and can be dropped again), or None where that cannot be done.
+    The header is read and the file mapped on the first call only (most files are never asked)."""
+    opened: dict = {}
 
     def mapped(name: str) -> Optional[torch.Tensor]:
-        info = header.get(name)
+        if not opened:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                opened.update(data_start=8 + n, header=json.loads(f.read(n)))
+        info = opened["header"].get(name)
         dtype = _DTYPES.get(info["dtype"]) if info else None
         if dtype is None or sys.byteorder != "little":
             return None
-        start = 8 + n + info["data_offsets"][0]
+        start = opened["data_start"] + info["data_offsets"][0]
         size = dtype.itemsize
         if start % size:
             return None
-        if not storage:
-            storage.append(torch.UntypedStorage.from_file(path, False, os.path.getsize(path)))
-        return torch.empty(0, dtype=dtype).set_(storage[0], start // size, tuple(info["shape"]))
+        if "storage" not in opened:
+            opened["storage"] = torch.UntypedStorage.from_file(path, False, os.path.getsize(path))
+        return torch.empty(0, dtype=dtype).set_(opened["storage"], start // size, tuple(info["shape"]))
     return mapped
 
 
