@@ -5,8 +5,9 @@
     python bench/quality_quant.py --modes int8,int4-g128 --dtype float32 --backend torch --max-windows 8
 
 Modes: 'int8' (symmetric per output channel) and 'int4-gG' (groups of G with zero points) / 'int4-gG-sym'
-(symmetric), each optionally followed by the lm_head's scheme: ':int8' (the default), ':bf16' (unquantized) or ':same', each run as LLM(quantization=..., quantization_config={"group_size": G, "sym": ...}) against the same
-engine unquantized (same dtype and backend). Scoring is bench/quality.py's: perplexity of the held-out text, KL(ref ||
+(symmetric), each optionally followed by the lm_head's scheme: ':int8', ':int6' (the defaults of int8 and int4),
+':bf16' (unquantized) or ':same', each run as LLM(quantization=..., quantization_config={"group_size": G, "sym":
+...}) against the same engine unquantized (same dtype and backend). Scoring is bench/quality.py's: perplexity of the held-out text, KL(ref ||
 run) over the reference's top k plus a rest bucket (a lower bound of the full-vocabulary KL), top-1 agreement.
 
 --outliers: random weights have no outlier channels, trained models do. This writes a random model with the 1.6B's
@@ -39,12 +40,12 @@ DEFAULT_MODES = "int8,int4-g32,int4-g32-sym,int4-g64,int4-g64-sym,int4-g128,int4
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-LM_HEAD = {"int8": "int8", "bf16": False, "same": True}
+LM_HEAD = {"int8": "int8", "int6": "int6", "bf16": False, "same": True}
 
 
 def mode_kwargs(mode: str) -> dict:
-    """'int8' / 'int4-g64' / 'int4-g64-sym', optionally ':int8' / ':bf16' / ':same' (the lm_head: int8 per channel,
-    the default; unquantized; as the other layers) -> LLM kwargs."""
+    """'int8' / 'int4-g64' / 'int4-g64-sym', optionally ':int8' / ':int6' / ':bf16' / ':same' (the lm_head: int8
+    per channel; int6 in groups of 128; unquantized; as the other layers) -> LLM kwargs."""
     base, _, head = mode.partition(":")
     parts = base.split("-")
     if head and head not in LM_HEAD:
@@ -57,7 +58,7 @@ def mode_kwargs(mode: str) -> dict:
         return {"quantization": "int4", "quantization_config": {"group_size": int(parts[1][1:]),
                                                                 "sym": len(parts) == 3, **extra}}
     raise ValueError(f"unknown mode {mode!r}: 'int8', 'int4-g<G>' or 'int4-g<G>-sym', then optionally "
-                     f"':int8', ':bf16' or ':same' for the lm_head")
+                     f"':int8', ':int6', ':bf16' or ':same' for the lm_head")
 
 
 def write_outlier_model(out_dir: str, seed: int = 0) -> str:

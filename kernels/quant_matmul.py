@@ -231,6 +231,11 @@ def check_quant_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
     return n, k
 
 
+def quant_bits() -> tuple[int, ...]:
+    """The bit widths these kernels run (int6 weights: the reference; the lm_head stays int8 here)."""
+    return (8, 4)
+
+
 def pack_quant_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
                       group_size: int, halves: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The kernels read the canonical form itself (see the header): checked and made contiguous."""

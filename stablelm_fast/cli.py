@@ -60,7 +60,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "else none)")
     g.add_argument("--quantization-config", type=_json_dict, default=None, metavar="JSON",
                    help='int8 / int4 settings, e.g. \'{"group_size": 64, "sym": true, "lm_head": false}\' '
-                        '(default int4: group_size 128 with zero points; int8: per output channel)')
+                        '(default int4: group_size 128 with zero points, an int6 lm_head; int8: per output channel, '
+                        'an int8 lm_head; lm_head: "int8", "int6", true or false)')
 
 
 def _json_dict(text: str) -> dict:

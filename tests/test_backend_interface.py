@@ -40,6 +40,9 @@ def test_backends_serve_their_kernels():
 def test_references_take_the_declared_arguments():
     for name, op in OPS.items():
         params = list(inspect.signature(op.reference).parameters)
+        if name == "quant_bits":  # the one query of a backend's capabilities: no tensors
+            assert params == [] and set(op.reference()) == {8, 6, 4}
+            continue
         assert params, name
         assert params[0] in ("x", "weight", "qweight", "gate_up", "qkv", "q"), (name, params)
 

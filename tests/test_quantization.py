@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stablelm_fast import LLM
+from stablelm_fast.ops import get_ops
 from stablelm_fast.ops.quant_reference import dequantize_weight, quantize_weight
 from stablelm_fast.quantization import QuantConfig, resolve_quant_config
 
@@ -21,7 +22,8 @@ LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 
 def _dequantized_copy(out: str, bits: int, group: int, sym: bool, lm_head: bool | str) -> str:
     """The built-in model with every quantized weight replaced by dequantize(quantize_weight(W)), in fp32 (lm_head:
-    as quantization_config's: "int8" per output channel, True as the others, False kept)."""
+    as quantization_config's: "int8" per output channel, "int6" in groups of 128, True as the others, False
+    kept)."""
     os.makedirs(out)
     for f in os.listdir(BUILTIN):
         if not f.endswith(".safetensors") and os.path.isfile(os.path.join(BUILTIN, f)):
@@ -31,7 +33,7 @@ def _dequantized_copy(out: str, bits: int, group: int, sym: bool, lm_head: bool 
         parts = name.split(".")
         scheme = (bits, group, sym) if name.endswith(".weight") and parts[-2] in LINEAR else None
         if name == "lm_head.weight" and lm_head:
-            scheme = (8, -1, True) if lm_head == "int8" else (bits, group, sym)
+            scheme = {"int8": (8, -1, True), "int6": (6, 128, True)}.get(lm_head, (bits, group, sym))
         if scheme is not None:
             b, g, sy = scheme
             g = t.shape[1] if g == -1 else g
@@ -49,11 +51,38 @@ def test_quantized_at_load_runs_the_reference_quantizer_weights(tmp_path):
     assert_same_run((tokens, lps), (want_tokens, want_lps))
 
 
+def test_int6_lm_head_runs_the_reference_quantizer_weights(tmp_path):
+    """lm_head "int6" (int4's default where the backend has the kernel): groups of 128, symmetric."""
+    if 6 not in get_ops("cpu").quant_bits():
+        pytest.skip("no int6 kernel in this process's layout: the lm_head is int8 (test_int6_lm_head_falls_back)")
+    ref = _dequantized_copy(str(tmp_path / "ref"), 8, -1, True, "int6")
+    tokens, lps = _run(BUILTIN, quantization="int8", quantization_config={"lm_head": "int6"})
+    assert_same_run((tokens, lps), _run(ref))
+
+
+def test_int6_lm_head_falls_back_to_int8_without_the_kernel():
+    class NoInt6:
+        @staticmethod
+        def quant_bits():
+            return (8, 4)
+
+    int4 = resolve_quant_config("int4", None, BUILTIN)
+    assert int4.lm_head == "int6"
+    assert int4.linear_method(NoInt6, "lm_head", in_features=2048).bits == 8
+    head = int4.linear_method(get_ops("torch"), "lm_head", in_features=2048)  # the reference runs every width
+    assert (head.bits, head.group_size, head.sym) == (6, 128, True)
+    assert int4.linear_method(get_ops("torch"), "lm_head", in_features=96).group_size == -1  # 128 does not divide
+
+
+def _default_lm_head() -> str:
+    return "int6" if 6 in get_ops("cpu").quant_bits() else "int8"
+
+
 @pytest.mark.xdist_group("tp")
 def test_int4_under_tensor_parallelism(tmp_path):
     """Column-parallel shards quantize their rows, row-parallel ones their K slice (192 = 3 groups of 64 here):
-    the same groups as TP=1, so the same weights."""
-    ref = _dequantized_copy(str(tmp_path / "ref"), 4, 64, False, "int8")
+    the same groups as TP=1, so the same weights (the lm_head: int4's default, split over the vocabulary)."""
+    ref = _dequantized_copy(str(tmp_path / "ref"), 4, 64, False, _default_lm_head())
     tokens, lps = _run(BUILTIN, tensor_parallel_size=2, quantization="int4", quantization_config={"group_size": 64})
     want_tokens, want_lps = _run(ref)
     assert_same_run((tokens, lps), (want_tokens, want_lps))
@@ -71,9 +100,10 @@ def test_resident_weights_are_the_quantized_ones():
         assert full == [], layer.prefix  # no full-precision copy of the weight is kept
         assert layer.w_q.dtype == torch.uint8 and layer.w_q.numel() == layer.out_features * layer.in_features // 2
         assert layer.w_zeros is not None and layer.w_group == 128  # the int4 default: groups of 128, zero points
-    head = model.lm_head  # int8 per output channel by default, whatever the other layers' scheme
-    assert not hasattr(head, "weight") and head.linear_method.bits == 8 and head.w_zeros is None
-    assert head.w_group == 256  # hidden size: one group per output channel
+    head = model.lm_head  # int4's default: int6 in groups of 128 (int8 per channel without the int6 kernel)
+    int6 = _default_lm_head() == "int6"
+    assert not hasattr(head, "weight") and head.linear_method.bits == (6 if int6 else 8) and head.w_zeros is None
+    assert head.w_group == (128 if int6 else 256)  # int8: the hidden size, one group per output channel
     llm.shutdown()
     llm = LLM(BUILTIN, quantization="int4", quantization_config={"lm_head": False}, **KW)
     assert llm.engine.executor.model.lm_head.weight.dtype == torch.float32  # kept as loaded, as vLLM does
@@ -109,7 +139,8 @@ def test_group_size_must_divide_the_layer():
 
 @pytest.mark.parametrize("quantization,qconfig,match", [
     ("int3", None, "quantization must be one of"), ("int8", {"sym": False}, "symmetric only"),
-    ("int4", {"group_size": 5}, "group_size must be"), ("int4", {"lm_head": "int4"}, "lm_head must be"), ("int4", {"groupsize": 64}, "unknown key 'groupsize'"),
+    ("int4", {"group_size": 5}, "group_size must be"), ("int4", {"lm_head": "int4"}, "lm_head must be"),
+    ("int4", {"groupsize": 64}, "unknown key 'groupsize'"),
     (None, {"group_size": 64}, "needs quantization="), ("gptq", None, "needs a checkpoint")])
 def test_quantization_arguments_are_checked(quantization, qconfig, match):
     with pytest.raises(ValueError, match=match):
@@ -120,6 +151,7 @@ def test_config_defaults_and_round_trip():
     assert resolve_quant_config(None, None, BUILTIN) is None
     int8 = resolve_quant_config("int8", None, BUILTIN)
     assert (int8.bits, int8.group_for(2048), int8.sym, int8.lm_head) == (8, 2048, True, "int8")
+    assert resolve_quant_config("int4", None, BUILTIN).lm_head == "int6"  # as llama.cpp's Q4_0 (Q6_K output)
     int4 = resolve_quant_config("int4", {"group_size": 32, "sym": True, "lm_head": True}, BUILTIN)
     assert (int4.bits, int4.group_size, int4.sym, int4.lm_head) == (4, 32, True, True)
     assert QuantConfig.from_dict(int4.to_dict()) == int4

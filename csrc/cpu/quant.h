@@ -1,18 +1,24 @@
-// Weight-only int8 / int4 linear layers on the CPU: the packed layout, and the micro-kernels of each ISA that the
+// Weight-only int8 / int6 / int4 linear layers on the CPU: the packed layout, and the micro-kernels of each ISA that the
 // driver (quant_linear.cpp) calls per panel of 16 output features.
 //
 // Packed layout (stablelm_fast/ops/cpu_quant.py packs it at load; canonical form in ops/quant_reference.py). W [N, K]
 // is cut into panels of 16 features, the last one holding the N % 16 left (width w); per panel:
-//   q       "quad rows" of 4 bytes per feature, [R][w][4] with R = K / 4 (int8) or K / 8 (int4):
+//   q       "quad rows" of 4 bytes per feature, [R][w][4] with R = K / 4 (int8), 3 K / 16 (int6) or K / 8 (int4):
 //           int8: byte i of feature f in row r is W's quantized value at k = 4r + i, stored as u = q + offset
 //                 (offset 128, unsigned, in the vnni layout: the u8 operand of vpdpbusd; 0, signed, in the avx2 /
 //                 scalar layout: vpmaddubsw's sign trick needs |q| <= 128);
 //           int4: byte i of feature f in row r holds k = 8r + i in its low nibble and k = 8r + 4 + i in its high one
 //                 (one 64-byte load of a full panel = two int8-style quad rows after a mask and a shift).
-//   scales  fp32 [K / G][w];  zeros  uint8 [K / G][w] (or none: every zero is the default, 0 for int8, 8 for int4).
-// Packed qweight tensors are 3-D, [N, R, 4]: uint8 (int4, or int8 + 128: vnni) or int8 (int8, signed: avx2 /
-// scalar); packed scales / zeros keep their canonical shape [N, K / G] in the order above. A gate_up weight
-// [Wg; Wu] is packed as two such matrices of N / 2 rows, stacked.
+//           int6 (vnni layout only; u in [0, 63]): per 16 k (three rows, 192 bytes of a full panel), rows 3c and
+//                 3c + 1 hold the low nibbles of k = 16c .. 16c + 7 and 16c + 8 .. 16c + 15 as int4 does, and
+//                 byte i of feature f in row 3c + 2 the top two bits of k = 16c + i (bits 0-1), 16c + 4 + i
+//                 (bits 2-3), 16c + 8 + i (bits 4-5) and 16c + 12 + i (bits 6-7): each int8-style quad row is
+//                 a nibble (mask / shift) ORed with two bits of the third row (one uniform shift, a mask).
+//   scales  fp32 [K / G][w];  zeros  uint8 [K / G][w] (or none: every zero is the default, 0 for int8, 32 for
+//           int6, 8 for int4).
+// Packed qweight tensors are 3-D, [N, R, 4] with R = K bits / 32: uint8 (int4, int6, or int8 + 128: vnni) or int8
+// (int8, signed: avx2 / scalar); packed scales / zeros keep their canonical shape [N, K / G] in the order above. A
+// gate_up weight [Wg; Wu] is packed as two such matrices of N / 2 rows, stacked.
 //
 // W[n, k] = (u - offset - zero) * scale. With int8 activations (xq = round(x / sx) per block of B k, sx = max|x| / 127),
 //   y[n] = sum_g s[n,g] * (sum_{b in g} sx_b * dot_b(u, xq) - (zero + offset) * X_g),  X_g = sum_{b in g} sx_b * sum_b(xq)
@@ -39,7 +45,7 @@ struct Panel {
   const float* s;     // [K / G][16]
   const uint8_t* z;   // [K / G][16] or nullptr
   int64_t K, G;
-  int bits;
+  int bits;           // 8, 6 (vnni kernels only) or 4
   int offset;         // stored u = q + offset
   int zero;           // the zero point when z == nullptr
 };

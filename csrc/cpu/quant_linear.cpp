@@ -1,4 +1,4 @@
-// The weight-only int8 / int4 linear op of the CPU backend (torch.ops.stablelm_fast.cpu_quant_linear): argument
+// The weight-only int8 / int6 / int4 linear op of the CPU backend (torch.ops.stablelm_fast.cpu_quant_linear): argument
 // checks, the choice of kernel, and the loops around the micro-kernels of quant.h.
 //
 // Kernels, by the weight's layout and the process's ISA (isa.h), x of M tokens:
@@ -46,11 +46,12 @@ int forced_kernel() {  // -1: auto, else a Kernel
   TORCH_CHECK(false, "STABLELM_FAST_QGEMM must be auto, int, fp32 or bf16; got '", s, "'");
 }
 
-Kernel choose(bool vnni_layout, bool signed_layout, bool bf16_x, int64_t M) {
+Kernel choose(int bits, bool vnni_layout, bool signed_layout, bool bf16_x, int64_t M) {
   const Isa isa = cpu_isa();
   if (vnni_layout)
-    TORCH_CHECK(has_vnni(), "this int8 weight was packed for avx512 vnni but the process runs ", isa_name(isa),
+    TORCH_CHECK(has_vnni(), "this int", bits, " weight was packed for avx512 vnni but the process runs ", isa_name(isa),
                 " (STABLELM_FAST_ISA / the CPU): pack weights in the process that uses them");
+  if (bits == 6) return Kernel::kVnni;  // int6 (vnni layout only) has this kernel only, at every M
   if (static_cast<int>(isa) < static_cast<int>(Isa::kAvx2)) return Kernel::kScalar;
   if (!has_vnni() || signed_layout) return Kernel::kAvx2;
   const int f = forced_kernel();
@@ -156,17 +157,18 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
          const std::optional<torch::Tensor>& zeros, const std::optional<torch::Tensor>& bias, int64_t bits,
          int64_t G, bool gate_up) {
   check_floating(x, "x");
-  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(bits == 8 || bits == 6 || bits == 4, "bits must be 8, 6 or 4, got ", bits);
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, K] with contiguous rows");
   TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == 4 && qweight.is_contiguous() &&
                   (qweight.scalar_type() == at::kByte || (bits == 8 && qweight.scalar_type() == at::kChar)),
               "qweight must be packed by pack_quant_weight: a contiguous uint8 / int8 [N, R, 4] tensor, got ",
               qweight.scalar_type(), " ", qweight.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  TORCH_CHECK(qweight.size(1) * (bits == 8 ? 4 : 8) == K, "packed weight is for K = ",
-              qweight.size(1) * (bits == 8 ? 4 : 8), " but x has K = ", K);
-  TORCH_CHECK(G > 0 && K % G == 0 && G % (bits == 8 ? 4 : 8) == 0, "group_size ", G, " must divide K = ", K,
-              " and be a multiple of ", bits == 8 ? 4 : 8);
+  TORCH_CHECK(qweight.size(1) * 32 == K * bits, "packed weight is for K = ", qweight.size(1) * 32 / bits,
+              " but x has K = ", K);
+  const int64_t g_unit = bits == 8 ? 4 : bits == 6 ? 32 : 8;  // k per quad row (int6: two 16-k steps per block)
+  TORCH_CHECK(G > 0 && K % G == 0 && G % g_unit == 0, "group_size ", G, " must divide K = ", K,
+              " and be a multiple of ", g_unit);
   const int64_t ng = K / G;
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
                   scales.size(0) == N && scales.size(1) == ng,
@@ -189,9 +191,10 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
   if (M == 0 || n_out == 0) return;
 
   const bool signed_layout = qweight.scalar_type() == at::kChar;
-  const bool vnni_layout = bits == 8 && !signed_layout;
-  const Kernel kernel = choose(vnni_layout, signed_layout, x.scalar_type() == at::kBFloat16, M);
-  Panel proto{nullptr, nullptr, nullptr, K, G, static_cast<int>(bits), vnni_layout ? 128 : 0, bits == 8 ? 0 : 8};
+  const bool vnni_layout = (bits == 8 && !signed_layout) || bits == 6;
+  const Kernel kernel = choose(static_cast<int>(bits), vnni_layout, signed_layout, x.scalar_type() == at::kBFloat16, M);
+  Panel proto{nullptr, nullptr, nullptr, K, G, static_cast<int>(bits), bits == 8 && vnni_layout ? 128 : 0,
+              bits == 8 ? 0 : bits == 6 ? 32 : 8};
 
   // The tail panel of each matrix widened to 16 features (zero scales), so every micro-kernel sees full panels.
   const int64_t row_bytes = K * bits / 8 / 4 * 4, panel_bytes = row_bytes * kPanel;  // bytes per feature / panel

@@ -1,7 +1,7 @@
-// AVX-512 micro-kernels of the int8 / int4 linear layers (layout in quant.h), one full panel of 16 features x T
+// AVX-512 micro-kernels of the int8 / int6 / int4 linear layers (layout in quant.h), one full panel of 16 features x T
 // tokens over the whole K:
 //   micro_vnni         int8 activations: per quad row one 64-byte load (int4: one load, a mask and a shift give two
-//                      quad rows), per token a broadcast of 4 bytes of xq and one vpdpbusd (u8 weights x s8 x, 16
+//                      quad rows; int6: three loads give four, unpack6), per token a broadcast of 4 bytes of xq and one vpdpbusd (u8 weights x s8 x, 16
 //                      int32 lanes = the 16 features); per block of B k the int32 sums -> fp32 x (sx * scale).
 //   micro_fp32_avx512  the in-register dequantization to fp32 FMAs (measured against micro_vnni in
 //                      bench/kernels/bench_quant_gemm.py; STABLELM_FAST_QGEMM=fp32 runs it): per 16 bytes of a quad
@@ -20,6 +20,20 @@
 
 namespace slf::cpu::quant {
 namespace {
+
+// int6: the four int8-style quad rows of 16 k (layout in quant.h) from the panel's three rows at q: each a nibble
+// of row 0 or 1 ORed with two bits of row 2 moved to bits 4-5 (16-bit shifts: what crosses a byte is masked off).
+SLF_VNNI inline __m512i join6(__m512i nib, __m512i hs) {
+  return _mm512_or_si512(_mm512_and_si512(nib, _mm512_set1_epi8(0x0f)), _mm512_and_si512(hs, _mm512_set1_epi8(0x30)));
+}
+
+SLF_VNNI inline void unpack6(const uint8_t* q, __m512i* u) {
+  const __m512i v0 = _mm512_loadu_si512(q), v1 = _mm512_loadu_si512(q + 64), h = _mm512_loadu_si512(q + 128);
+  u[0] = join6(v0, _mm512_slli_epi16(h, 4));
+  u[1] = join6(_mm512_srli_epi16(v0, 4), _mm512_slli_epi16(h, 2));
+  u[2] = join6(v1, h);
+  u[3] = join6(_mm512_srli_epi16(v1, 4), _mm512_srli_epi16(h, 2));
+}
 
 template <int T, int BITS>
 SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
@@ -60,6 +74,17 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
           for (int t = 0; t < T; ++t) ia[t] = _mm512_dpbusd_epi32(ia[t], w0, _mm512_set1_epi32(load4(xq[t] + k)));
           q += 64;
           k += 4;
+        }
+      } else if constexpr (BITS == 6) {  // 16 k (four quad rows of x) per step; B is a multiple of 16
+        for (int64_t r = 0; r < rows; r += 4, q += 192, k += 16) {
+          __m512i u[4];
+          unpack6(q, u);
+          for (int t = 0; t < T; ++t) {
+            ia[t] = _mm512_dpbusd_epi32(ia[t], u[0], _mm512_set1_epi32(load4(xq[t] + k)));
+            ib[t] = _mm512_dpbusd_epi32(ib[t], u[1], _mm512_set1_epi32(load4(xq[t] + k + 4)));
+            ia[t] = _mm512_dpbusd_epi32(ia[t], u[2], _mm512_set1_epi32(load4(xq[t] + k + 8)));
+            ib[t] = _mm512_dpbusd_epi32(ib[t], u[3], _mm512_set1_epi32(load4(xq[t] + k + 12)));
+          }
         }
       } else {
         // the high nibbles stay in place (16 x their value, no shift per load): ib = 16 x the sum, exactly
@@ -121,6 +146,21 @@ SLF_VNNI void vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
             q[p] += 64;
           }
         }
+      } else if constexpr (BITS == 6) {
+        for (int64_t r = 0; r < rows; r += 4, k += 16) {
+          const __m512i x0 = _mm512_set1_epi32(load4(xq + k)), x1 = _mm512_set1_epi32(load4(xq + k + 4));
+          const __m512i x2 = _mm512_set1_epi32(load4(xq + k + 8)), x3 = _mm512_set1_epi32(load4(xq + k + 12));
+          for (int p = 0; p < NP; ++p) {
+            __m512i u[4];
+            unpack6(q[p], u);
+            q[p] += 192;
+            ia[p] = _mm512_dpbusd_epi32(ia[p], u[0], x0);
+            ih[p] = _mm512_dpbusd_epi32(ih[p], u[1], x1);
+            ia[p] = _mm512_dpbusd_epi32(ia[p], u[2], x2);
+            ih[p] = _mm512_dpbusd_epi32(ih[p], u[3], x3);
+          }
+        }
+        for (int p = 0; p < NP; ++p) ia[p] = _mm512_add_epi32(ia[p], ih[p]);
       } else {
         for (int64_t r = 0; r < rows; r += 2, k += 8) {
           const __m512i x0 = _mm512_set1_epi32(load4(xq + k)), x1 = _mm512_set1_epi32(load4(xq + k + 4));
@@ -226,16 +266,18 @@ void with_tokens(int64_t T, const char* name, F&& f) {
 void micro_vnni(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c) {
   with_tokens(T, "micro_vnni", [&](auto t) {
     constexpr int kT = decltype(t)::value;
-    w.bits == 8 ? vnni<kT, 8>(w, x, t0, c) : vnni<kT, 4>(w, x, t0, c);
+    w.bits == 8 ? vnni<kT, 8>(w, x, t0, c) : w.bits == 6 ? vnni<kT, 6>(w, x, t0, c) : vnni<kT, 4>(w, x, t0, c);
   });
 }
 
 void micro_vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
   if (w[0].bits == 8) return vnni4<8>(w, x, t0, c);
+  if (w[0].bits == 6) return vnni4<6>(w, x, t0, c);
   return vnni4<4>(w, x, t0, c);
 }
 
 void micro_fp32_avx512(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c) {
+  TORCH_CHECK(w.bits != 6, "micro_fp32_avx512: int6 weights run the vnni kernel only");
   with_tokens(T, "micro_fp32_avx512", [&](auto t) {
     constexpr int kT = decltype(t)::value;
     w.bits == 8 ? fp32<kT, 8>(w, x, t0, c) : fp32<kT, 4>(w, x, t0, c);

@@ -52,7 +52,7 @@ class LMHead(_VocabParallel):
         self.bias = None
         self.packed_halves = False
         self.prefix = "lm_head"
-        method = quant.linear_method(ops, self.prefix) if quant is not None else None
+        method = quant.linear_method(ops, self.prefix, in_features=hidden_size) if quant is not None else None
         self.linear_method = method or UnquantizedLinearMethod(ops)  # a quantized one quantizes after loading
 
     def process_weights_after_loading(self) -> None:

@@ -1,13 +1,15 @@
-"""The `cpu` backend's weight-only int8 / int4 linear layers: load-time packing and the C++ kernels
+"""The `cpu` backend's weight-only int8 / int6 / int4 linear layers: load-time packing and the C++ kernels
 (torch.ops.stablelm_fast.cpu_quant_linear, csrc/cpu/quant_*.cpp) that read the packed weights in place.
 
 `pack_quant_weight` turns the canonical form (ops/quant_reference.py) into the layout of csrc/cpu/quant.h, chosen
 once per process from the ISA (`quant_layout()`: "vnni" with AVX512-VNNI, else "avx2", or "scalar"; capped by
 STABLELM_FAST_ISA like every CPU kernel): panels of 16 output features, 4 bytes of k per feature side by side (the
 operand of vpdpbusd / vpmaddubsw); int8 stored + 128 as uint8 for vpdpbusd ("vnni"), signed for vpmaddubsw's sign
-trick ("avx2", "scalar"); int4 as two nibbles per byte, k and k + 4. A packed qweight is 3-D ([N, R, 4]), scales and
+trick ("avx2", "scalar"); int4 as two nibbles per byte, k and k + 4; int6 ("vnni" only) per 16 k as two int4-style
+rows of the low nibbles and one row of the top two bits of all 16 k. A packed qweight is 3-D ([N, R, 4]), scales and
 zeros keep their canonical shapes. Weights the kernels do not take (group size not a multiple of 4 for int8 / 8 for
-int4, not on the CPU) stay canonical, and quant_linear / quant_gate_up_silu run the reference on them.
+int4 / 32 for int6, int6 without the vnni layout, not on the CPU) stay canonical, and quant_linear /
+quant_gate_up_silu run the reference on them (`quant_bits()` says which widths have kernels here).
 
 The kernels quantize x to int8 per block of 32 k (decode, and every M on AVX2 or for fp32 / fp16 x), as llama.cpp
 does for its Q8_0 / Q4_0 dot products; bf16 x above 4 tokens on AVX512-BF16 machines goes through dequantized bf16
@@ -31,6 +33,11 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 def quant_layout() -> str:
     """The layout this process packs int8 / int4 weights into: "vnni", "avx2" or "scalar"."""
     return _LAYOUT
+
+
+def quant_bits() -> tuple[int, ...]:
+    """The weight bit widths the kernels of this process run: int6 with the vnni layout only."""
+    return (8, 6, 4) if _LAYOUT == "vnni" else (8, 4)
 
 
 def act_block(group_size: int) -> int:
@@ -66,9 +73,15 @@ def _pack_one(qweight, scales, zeros, bits: int, group_size: int):
         quads = qweight.view(n, -1, 4)
         if _LAYOUT == "vnni":
             quads = (quads.to(torch.int16) + 128).to(torch.uint8)
-    else:
+    elif bits == 4:
         u = qref.unpack_int4(qweight).view(n, -1, 2, 4)
         quads = u[:, :, 0] | (u[:, :, 1] << 4)
+    else:  # per 16 k: low nibbles of k 0-7 (as int4), of k 8-15, then the top two bits of each k (quant.h)
+        u = qweight.view(n, -1, 4, 4)  # [n, K / 16, 4 runs of 4 k, 4]
+        lo, hi = u & 15, u >> 4
+        quads = torch.stack([lo[:, :, 0] | (lo[:, :, 1] << 4), lo[:, :, 2] | (lo[:, :, 3] << 4),
+                             hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)], dim=2)
+        quads = quads.view(n, -1, 4)
     packed_q = _panel_order(quads.contiguous())
     packed_s = _panel_order(scales.float().contiguous().unsqueeze(-1)).view(scales.shape)
     packed_z = None if zeros is None else _panel_order(zeros.contiguous().unsqueeze(-1)).view(zeros.shape)
@@ -87,8 +100,8 @@ def pack_quant_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
                          f"{tuple(scales.shape)} / {None if zeros is None else tuple(zeros.shape)}")
     if halves and n % 2:
         raise ValueError(f"a gate_up weight (halves=True) needs an even number of rows, got {n}")
-    if (qweight.device.type != "cpu" or qweight.dim() != 2 or group_size % (4 if bits == 8 else 8)
-            or qweight.dtype != (torch.int8 if bits == 8 else torch.uint8)):
+    if (qweight.device.type != "cpu" or qweight.dim() != 2 or group_size % {8: 4, 6: 32, 4: 8}[bits]
+            or qweight.dtype != (torch.int8 if bits == 8 else torch.uint8) or bits not in quant_bits()):
         return qweight, scales, zeros
     zeros = None if zeros is None else zeros.to(torch.uint8)
     if not halves:
@@ -103,7 +116,7 @@ def pack_quant_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
 def _run(x, qweight, scales, zeros, bias, bits, group_size, gate_up: bool) -> torch.Tensor:
     if x.dtype not in _FLOATS:
         raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    k = qweight.shape[1] * qweight.shape[2] * (2 if bits == 4 else 1)
+    k = qweight.shape[1] * qweight.shape[2] * 8 // bits
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but the packed weight takes K = {k}")
     n_out = qweight.shape[0] // 2 if gate_up else qweight.shape[0]

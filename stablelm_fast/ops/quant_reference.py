@@ -1,4 +1,4 @@
-"""Torch references of the weight-only quantized linear ops (int8 and int4), and the reference quantizer.
+"""Torch references of the weight-only quantized linear ops (int8, int6 and int4), and the reference quantizer.
 
 Canonical form of a quantized linear weight W [N, K] (what the reference ops read, what load-time code produces, and
 what each backend's `pack_quant_weight` starts from):
@@ -6,6 +6,8 @@ what each backend's `pack_quant_weight` starts from):
     bits 8:  qweight int8  [N, K]        q in [-128, 127]; zero point 0 when zeros is None
     bits 4:  qweight uint8 [N, K / 2]    two values in [0, 15] per byte: k even in the low nibble, k odd in the high
                                          nibble; zero point 8 when zeros is None
+    bits 6:  qweight uint8 [N, K]        q in [0, 63]; zero point 32 when zeros is None (the lm_head of int4
+                                         models, as llama.cpp's Q4_0 files keep their output layer in Q6_K)
     scales   float32 [N, K / G]          one per output feature and group of G = group_size consecutive k
     zeros    uint8 [N, K / G] or None    asymmetric zero points, in quantized units
 
@@ -20,12 +22,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_ZERO = {8: 0, 4: 8}
+DEFAULT_ZERO = {8: 0, 6: 32, 4: 8}
 
 
 def check_quant_args(bits: int, group_size: int, k: int) -> None:
     if bits not in DEFAULT_ZERO:
-        raise ValueError(f"bits must be 8 or 4, got {bits}")
+        raise ValueError(f"bits must be 8, 6 or 4, got {bits}")
     if group_size <= 0 or k % group_size:
         raise ValueError(f"group_size must divide K = {k}; got {group_size}")
 
@@ -58,8 +60,9 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric:
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest quantization of W [N, K] (any float dtype) into the canonical form above.
 
-    symmetric: scale = max|w| / qmax over each group (int8: 127, int4: 7, stored as q + 8), zeros None.
-    Asymmetric (int4 only): scale = (max - min) / 15 over each group (the range widened to hold 0),
+    symmetric: scale = max|w| / qmax over each group (int8: 127, int6: 31, stored as q + 32, int4: 7, stored as
+    q + 8), zeros None.
+    Asymmetric (int6 / int4): scale = (max - min) / (2^bits - 1) over each group (the range widened to hold 0),
     zero = round(-min / scale), zeros returned (uint8)."""
     n, k = weight.shape
     check_quant_args(bits, group_size, k)
@@ -67,7 +70,7 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric:
         raise ValueError("asymmetric int8 is not supported: int8 is symmetric per channel or per group")
     w = weight.float().view(n, k // group_size, group_size)
     if symmetric:
-        qmax = 127 if bits == 8 else 7
+        qmax = (1 << (bits - 1)) - 1
         scales = w.abs().amax(dim=-1) / qmax
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
         q = torch.round(w / scales[..., None]).clamp(-qmax - 1, qmax) + DEFAULT_ZERO[bits]
@@ -81,7 +84,7 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric:
         q = torch.round(w / scales[..., None] + zero[..., None]).clamp(0, levels)
         zeros = zero.to(torch.uint8)
     q = q.view(n, k)
-    qweight = pack_int4(q) if bits == 4 else q.to(torch.int8)
+    qweight = pack_int4(q) if bits == 4 else q.to(torch.int8 if bits == 8 else torch.uint8)
     return qweight, scales.contiguous(), zeros
 
 
@@ -98,6 +101,11 @@ def quant_gate_up_silu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     w = dequantize_weight(qweight, scales, zeros, bits, group_size)
     gate, up = F.linear(x.float(), w).chunk(2, dim=-1)
     return (F.silu(gate) * up).to(x.dtype)
+
+
+def quant_bits() -> tuple[int, ...]:
+    """The weight bit widths a backend's quant_linear runs with its own kernels (the reference: all of them)."""
+    return (8, 6, 4)
 
 
 def pack_quant_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,

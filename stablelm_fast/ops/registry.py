@@ -39,13 +39,15 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("pack_linear_weight", "pack_linear_weight(weight [N, K], halves=False) -> the backend's layout, read by "
           "linear / gate_up_silu (halves: a gate_up weight whose two halves stay apart)", _identity_pack),
     OpDef("quant_linear", "quant_linear(x [M, K], qweight, scales, zeros | None, bias [N] | None, bits, group_size) "
-          "-> [M, N]: weight-only int8 / int4 (canonical form in ops/quant_reference.py, or packed)",
+          "-> [M, N]: weight-only int8 / int6 / int4 (canonical form in ops/quant_reference.py, or packed)",
           quant_reference.quant_linear, cpp=False),
     OpDef("quant_gate_up_silu", "quant_gate_up_silu(x [M, H], qweight, scales, zeros | None, bits, group_size) -> "
           "[M, I]: gate_up_silu on a quantized [Wg; Wu]", quant_reference.quant_gate_up_silu, cpp=False),
     OpDef("pack_quant_weight", "pack_quant_weight(qweight, scales, zeros | None, bits, group_size, halves=False) -> "
           "(qweight, scales, zeros) in the backend's layout, read by quant_linear / quant_gate_up_silu",
           quant_reference.pack_quant_weight, cpp=False),
+    OpDef("quant_bits", "quant_bits() -> the weight bit widths (of 8, 6, 4) that this backend's quant_linear runs "
+          "with its own kernels", quant_reference.quant_bits, cpp=False),
     OpDef("layernorm", "layernorm(x [T, H], weight [H], bias [H] | None, eps) -> [T, H]", reference.layernorm),
     OpDef("add_layernorm", "add_layernorm(x, residual | None, weight, bias | None, eps) -> (normed, new_residual)",
           reference.add_layernorm),

@@ -25,7 +25,8 @@ from stablelm_fast.kernels._common import host_value_once
 from stablelm_fast.kernels.add_layernorm import add_layernorm, layernorm  # noqa: F401
 from stablelm_fast.kernels.paged_attention_decode import paged_attention_decode as _triton_paged_attention_decode
 from stablelm_fast.kernels.paged_attention_prefill import paged_attention as _triton_paged_attention
-from stablelm_fast.kernels.quant_matmul import pack_quant_weight, quant_gate_up_silu, quant_linear  # noqa: F401
+from stablelm_fast.kernels.quant_matmul import (  # noqa: F401
+    pack_quant_weight, quant_bits, quant_gate_up_silu, quant_linear)
 from stablelm_fast.kernels.rope_qknorm_cache import qk_norm_rope_cache  # noqa: F401
 from stablelm_fast.kernels.silu_and_mul import gate_up_silu, silu_and_mul  # noqa: F401
 

@@ -12,11 +12,13 @@
 
 `quantization_config` (a dict; CLI: `--quantization-config JSON`) tunes int8 / int4 with the keys a checkpoint's
 `quantization_config` uses: `group_size` (32 / 64 / 128 ...; -1 = one group per output channel), `sym` (True:
-symmetric, no zero points; int4 only may be False), `lm_head`: "int8" (the default: per output channel, as
-llama.cpp's quantized files keep their output layer at 6-8 bits), True (the same scheme as the other layers) or
-False (kept in the model's dtype, as vLLM does). The lm_head of a 1.6B is a quarter of its weights (100352 x 2048):
-in bf16 it would read more bytes per decoded token than every int4 decoder layer together. Embeddings and norms are
-never quantized. Pre-quantized checkpoints keep their lm_head as stored.
+symmetric, no zero points; int4 only may be False), `lm_head`: "int8" (per output channel; the default of
+quantization="int8", as llama.cpp's Q8_0 files keep their output layer in Q8_0), "int6" (symmetric, groups of 128;
+the default of quantization="int4", as llama.cpp's Q4_0 files keep theirs in Q6_K: 6.25 bits a weight, 22% fewer
+bytes than int8; where the backend has no int6 kernel, `ops.quant_bits()`, it is int8), True (the same scheme as the
+other layers) or False (kept in the model's dtype, as vLLM does). The lm_head of a 1.6B is a quarter of its weights
+(100352 x 2048): in bf16 it would read more bytes per decoded token than every int4 decoder layer together.
+Embeddings and norms are never quantized. Pre-quantized checkpoints keep their lm_head as stored.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ METHODS = ("int8", "int4", "gptq", "awq", "compressed-tensors")
 _PREQUANTIZED = ("gptq", "awq", "compressed-tensors")
 _DEFAULTS = {"int8": dict(bits=8, group_size=-1, sym=True), "int4": dict(bits=4, group_size=128, sym=False)}
 _TUNABLE = ("group_size", "sym", "lm_head")
+LM_HEAD_DEFAULT = {"int8": "int8", "int4": "int6"}  # as llama.cpp's Q8_0 / Q4_0 files (module doc)
+INT6_GROUP = 128
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class QuantConfig:
     bits: int
     group_size: int  # -1: one group per output channel (K)
     sym: bool
-    lm_head: bool | str = False  # False: unquantized; True: as the other layers; "int8": int8 per output channel
+    lm_head: bool | str = False  # False: unquantized; True: as the other layers; "int8" / "int6" (module doc)
     desc_act: bool = False  # GPTQ act-order: g_idx permutes the input features
     zero_offset: int = 0  # GPTQ v1 checkpoints store zero points minus one
     modules_to_not_convert: tuple[str, ...] = field(default_factory=tuple)  # compressed-tensors: its `ignore`
@@ -59,16 +63,20 @@ class QuantConfig:
             return skips(self.targets, self.modules_to_not_convert, hf_module)
         return any(m and m in hf_module for m in self.modules_to_not_convert)
 
-    def linear_method(self, ops: Any, prefix: str) -> Any:
+    def linear_method(self, ops: Any, prefix: str, in_features: int | None = None) -> Any:
         """The method of the layer named prefix (HF module names; packed layers: qkv_proj, gate_up_proj), or None
-        to keep it unquantized."""
+        to keep it unquantized. in_features: the lm_head's (its int6 groups: 128 where they divide it, else one per
+        output channel)."""
         from stablelm_fast.quantization.linear_method import QuantizedLinearMethod
         from stablelm_fast.quantization.prequantized import PrequantizedLinearMethod
 
         if prefix == "lm_head":
             if not self.lm_head:
                 return None
-            if self.lm_head == "int8":
+            if self.lm_head == "int6" and 6 in ops.quant_bits():
+                g = INT6_GROUP if in_features is None or in_features % INT6_GROUP == 0 else -1
+                return QuantizedLinearMethod(ops, 6, g, True, prefix)
+            if self.lm_head in ("int8", "int6"):
                 return QuantizedLinearMethod(ops, 8, -1, True, prefix)
         skipped = [self.skips(name) for name in unpacked_names(prefix)]
         if any(skipped):
@@ -112,10 +120,11 @@ def _on_the_fly(method: str, overrides: dict) -> QuantConfig:
     if unknown:
         raise ValueError(f"quantization_config has unknown key {unknown[0]!r} (known for {method!r}: "
                          f"{', '.join(_TUNABLE)})")
-    cfg = dict(_DEFAULTS[method], lm_head="int8")
+    cfg = dict(_DEFAULTS[method], lm_head=LM_HEAD_DEFAULT[method])
     cfg.update(overrides)
-    if cfg["lm_head"] not in (True, False, "int8"):
-        raise ValueError(f"quantization_config lm_head must be \"int8\", true or false; got {cfg['lm_head']!r}")
+    if cfg["lm_head"] not in (True, False, "int8", "int6"):
+        raise ValueError(f"quantization_config lm_head must be \"int8\", \"int6\", true or false; got "
+                         f"{cfg['lm_head']!r}")
     g = cfg["group_size"]
     if not isinstance(g, int) or isinstance(g, bool) or (g != -1 and (g < 2 or g % 2)):
         raise ValueError(f"quantization_config group_size must be -1 (per output channel) or an even integer >= 2; "

@@ -40,8 +40,8 @@ class QuantLinearMethodBase:
     def alloc(self, layer: nn.Module, n: int, k: int, device: torch.device | None = None) -> None:
         """Empty canonical buffers for an [n, k] weight (device None: the current default device)."""
         layer.w_group = g = self.check_group(layer, k)
-        layer.w_q = torch.empty(n, k // 2, dtype=torch.uint8, device=device) if self.bits == 4 else \
-            torch.empty(n, k, dtype=torch.int8, device=device)
+        layer.w_q = torch.empty(n, k // 2 if self.bits == 4 else k, dtype=torch.int8 if self.bits == 8 else torch.uint8,
+                                device=device)
         layer.w_scales = torch.empty(n, k // g, dtype=torch.float32, device=device)
         layer.w_zeros = None if self.sym else torch.empty(n, k // g, dtype=torch.uint8, device=device)
         layer.x_perm = None

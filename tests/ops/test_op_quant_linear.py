@@ -1,4 +1,4 @@
-"""quant_linear / quant_gate_up_silu (weight-only int8 and int4) and the load-time pack_quant_weight: every
+"""quant_linear / quant_gate_up_silu (weight-only int8, int6 and int4) and the load-time pack_quant_weight: every
 implementation against the dequantize-then-fp32 reference (ops/quant_reference.py), and the reference quantizer's
 round trip."""
 
@@ -50,8 +50,8 @@ def _quantized(w, bits, group_size, symmetric):
     return (*qref.quantize_weight(w, bits, g, symmetric), g)
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, 32, True), (4, 32, True),
-                                                       (4, 32, False), (4, 128, False)])
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, 32, True), (6, 32, True),
+                                                       (6, 64, False), (4, 32, True), (4, 32, False), (4, 128, False)])
 def test_quantizer_round_trip(bits, group_size, symmetric):
     _, w, _ = _inputs(1, 256, 64, torch.float32, seed=1)
     qw, s, z, g = _quantized(w, bits, group_size, symmetric)
@@ -60,7 +60,9 @@ def test_quantizer_round_trip(bits, group_size, symmetric):
     bound = s.repeat_interleave(g, dim=1) * (0.5 if symmetric else 1.0) + 1e-7
     assert (deq - w).abs().le(bound).all()
     assert qw.dtype == (torch.int8 if bits == 8 else torch.uint8)
-    assert qw.shape == (64, 256 if bits == 8 else 128)
+    assert qw.shape == (64, 128 if bits == 4 else 256)
+    if bits == 6:
+        assert int(qw.max()) <= 63
 
 
 def test_int4_nibble_order():
@@ -83,9 +85,11 @@ def test_bad_arguments_are_named():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", TOKEN_COUNTS)
 @pytest.mark.parametrize("k,n,group_size", SHAPES)
-@pytest.mark.parametrize("bits,symmetric", [(8, True), (4, True), (4, False)])
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (6, True), (4, True), (4, False)])
 def test_quant_linear(backend, dtype, tokens, k, n, group_size, bits, symmetric):
     skip_unsupported(backend, dtype, tokens)
+    if bits not in op(backend, "quant_bits")():
+        pytest.skip(f"{backend} has no int{bits} kernel (its lm_head stays int8: tests/test_quantization.py)")
     x, w, b = _inputs(tokens, k, n, dtype, seed=k + n + tokens + bits)
     qw, s, z, g = _quantized(w, bits, None if bits == 8 and group_size == 128 else group_size, symmetric)
     expected = qref.quant_linear(x.float(), qw, s, z, b.float(), bits, g)
