@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/native/CPUBlas.h>
@@ -70,6 +71,25 @@ int64_t act_block(int64_t G) {
   for (int64_t b : {32, 16, 8, 4})
     if (G % b == 0) return b;
   return 0;
+}
+
+// Per-call scratch of the int-activation kernels (x in fp32 and its int8 form), kept by the calling thread.
+struct ActBuffers {
+  std::vector<float> f, bs, gs;
+  std::vector<int8_t> q;
+  std::vector<int32_t> bsum;
+};
+
+// x's M rows of K (row stride ld) as contiguous fp32: x itself when it already is, else converted into buf.
+template <typename scalar_t>
+const float* fp32_rows(const scalar_t* x, int64_t M, int64_t K, int64_t ld, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (ld == K || M == 1) return x;
+  }
+  buf.resize(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) buf[m * K + k] = to_float(x[m * ld + k]);
+  return buf.data();
 }
 
 template <typename scalar_t>
@@ -275,25 +295,25 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
       });
       return;
     }
-    // fp32 rows of x (scalar / fp32 kernels), then its int8 form (int kernels).
-    const torch::Tensor xf = x.to(at::kFloat).contiguous();
+    // fp32 rows of x (scalar / fp32 kernels), then its int8 form (int kernels), in buffers of the calling thread.
+    // NOTE: no tensors allocated per call: a decode step makes ~100 of these calls, and five allocations and a
+    // dtype conversion through ATen cost each one ~5-10 us while no weight streams.
+    thread_local ActBuffers buf;
     Act act;
     act.K = K;
     act.ng = ng;
-    act.f = xf.data_ptr<float>();
-    torch::Tensor xq, xbs, xsum, xgs;
+    act.f = fp32_rows(x.data_ptr<scalar_t>(), M, K, x.stride(0), buf.f);
     if (kernel == Kernel::kVnni || kernel == Kernel::kAvx2) {
       act.B = act_block(G);
-      xq = torch::empty({M, K}, at::kChar);
-      xbs = torch::empty({M, K / act.B}, at::kFloat);
-      xsum = torch::empty({M, K / act.B}, at::kInt);
-      xgs = torch::empty({M, ng}, at::kFloat);
-      quantize_rows(act.f, M, K, act.B, G, xq.data_ptr<int8_t>(), xbs.data_ptr<float>(), xsum.data_ptr<int32_t>(),
-                    xgs.data_ptr<float>());
-      act.q = xq.data_ptr<int8_t>();
-      act.bs = xbs.data_ptr<float>();
-      act.bsum = xsum.data_ptr<int32_t>();
-      act.gs = xgs.data_ptr<float>();
+      buf.q.resize(M * K);
+      buf.bs.resize(M * (K / act.B));
+      buf.bsum.resize(M * (K / act.B));
+      buf.gs.resize(M * ng);
+      quantize_rows(act.f, M, K, act.B, G, buf.q.data(), buf.bs.data(), buf.bsum.data(), buf.gs.data());
+      act.q = buf.q.data();
+      act.bs = buf.bs.data();
+      act.bsum = buf.bsum.data();
+      act.gs = buf.gs.data();
     }
     Micro micro = kernel == Kernel::kVnni ? &micro_vnni
                   : kernel == Kernel::kFp32 ? &micro_fp32_avx512
