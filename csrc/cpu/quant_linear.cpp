@@ -87,9 +87,13 @@ const float* fp32_rows(const scalar_t* x, int64_t M, int64_t K, int64_t ld, std:
     if (ld == K || M == 1) return x;
   }
   buf.resize(M * K);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) buf[m * K + k] = to_float(x[m * ld + k]);
-  return buf.data();
+  float* f = buf.data();
+  // NOTE: threads above ~64K elements only (decode converts one row in ~1 us, a parallel region costs more)
+  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 16) / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t k = 0; k < K; ++k) f[m * K + k] = to_float(x[m * ld + k]);
+  });
+  return f;
 }
 
 template <typename scalar_t>
