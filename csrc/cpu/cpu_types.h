@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include <cstdlib>
+#include <vector>
 #include <torch/all.h>
 
 #include "common/math_utils.h"
@@ -35,6 +36,20 @@ inline bool cpu_has_avx2() { return static_cast<int>(cpu_isa()) >= static_cast<i
 inline void check_floating(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
               name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+}
+
+// A small vector (norm weights, a bias) as contiguous fp32: its own data when it already is, else converted into buf.
+// NOTE: instead of `t.to(at::kFloat).contiguous()`: an ATen allocation and conversion cost ~2-4 us per call, ops are
+// called a few hundred times a decode step, and buf (the caller's, e.g. thread_local) is reused.
+inline const float* fp32_vector(const torch::Tensor& t, std::vector<float>& buf) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t.data_ptr<float>();
+  const torch::Tensor c = t.is_contiguous() ? t : t.contiguous();
+  buf.resize(c.numel());
+  SLF_DISPATCH_FLOATING_TYPES(c.scalar_type(), "fp32_vector", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) buf[i] = static_cast<float>(p[i]);
+  });
+  return buf.data();
 }
 
 // ---- AVX2: 8 elements <-> __m256 of fp32 ----

@@ -111,11 +111,12 @@ void check_and_run(torch::Tensor& out, const torch::Tensor& x, const torch::Tens
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == h, "weight must be [hidden]");
   // NOTE: weight / bias may be in any float dtype (the reference upcasts them); converting the [H] vectors to
   // fp32 once is cheaper than converting per row.
-  const torch::Tensor w = weight.to(at::kFloat).contiguous();
-  torch::Tensor b;
+  thread_local std::vector<float> wbuf, bbuf;
+  const float* w = fp32_vector(weight, wbuf);
+  const float* b = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == h, "bias must be [hidden]");
-    b = bias->to(at::kFloat).contiguous();
+    b = fp32_vector(*bias, bbuf);
   }
   if (residual != nullptr) {
     TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
@@ -130,8 +131,8 @@ void check_and_run(torch::Tensor& out, const torch::Tensor& x, const torch::Tens
                              x.data_ptr<scalar_t>(),                                     // [T, H] (row stride)
                              residual ? residual->data_ptr<scalar_t>() : nullptr,        // [T, H] or null
                              residual_out ? residual_out->data_ptr<scalar_t>() : nullptr,  // [T, H] or null
-                             w.data_ptr<float>(),                                        // [H]
-                             b.defined() ? b.data_ptr<float>() : nullptr,                // [H] or null
+                             w,                                                          // [H]
+                             b,                                                          // [H] or null
                              (float)eps, num_tokens, h, x.stride(0), residual ? residual->stride(0) : 0);
   });
 }

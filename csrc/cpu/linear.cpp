@@ -22,13 +22,13 @@ void run_packed(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor&
   TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == n_out && out.stride(1) == 1 &&
                   out.scalar_type() == x.scalar_type(),
               "out must be [M, ", n_out, "] of x's dtype with contiguous rows");
-  torch::Tensor b;
+  thread_local std::vector<float> bias_buf;
+  const float* bp = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_out, "bias must be [N] = [", n_out, "]");
-    b = bias->to(at::kFloat).contiguous();
+    bp = slf::cpu::fp32_vector(*bias, bias_buf);
   }
   if (x.size(0) == 0 || n_out == 0) return;
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   if (layout == Layout::kVnni) {
     TORCH_CHECK(static_cast<int>(cpu_isa()) >= static_cast<int>(Isa::kAvx512Bf16),
                 "this weight was packed for avx512bf16 (vnni layout) but the process runs ", isa_name(cpu_isa()),

@@ -103,23 +103,24 @@ void qk_norm_rope_cache(torch::Tensor& q_out, const torch::Tensor& qkv, const to
   const torch::Tensor pos = positions.to(at::kLong).contiguous();
   const torch::Tensor slots = slot_mapping.to(at::kLong).contiguous();
   const torch::Tensor cs = cos_sin.contiguous();
-  if (num_tokens > 0) {
-    const int64_t max_pos = pos.max().item<int64_t>(), min_pos = pos.min().item<int64_t>();
-    TORCH_CHECK(min_pos >= 0 && max_pos < cs.size(0), "positions out of the cos_sin range");
-  }
-  torch::Tensor qw, kw;
+  // NOTE: a loop, not pos.min() / max().item(): two ATen reductions cost more than the op itself at decode
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t t = 0; t < num_tokens; ++t)
+    TORCH_CHECK(pp[t] >= 0 && pp[t] < cs.size(0), "positions out of the cos_sin range: ", pp[t]);
+  thread_local std::vector<float> qbuf, kbuf;
+  const float *qw = nullptr, *kw = nullptr;
   if (q_norm_weight.has_value()) {
     TORCH_CHECK(q_norm_weight->numel() == num_q_heads * head_dim, "q_norm_weight must be [Hq, D]");
-    qw = q_norm_weight->to(at::kFloat).contiguous();
+    qw = slf::cpu::fp32_vector(*q_norm_weight, qbuf);
   }
   if (k_norm_weight.has_value()) {
     TORCH_CHECK(k_norm_weight->numel() == num_kv_heads * head_dim, "k_norm_weight must be [Hkv, D]");
-    kw = k_norm_weight->to(at::kFloat).contiguous();
+    kw = slf::cpu::fp32_vector(*k_norm_weight, kbuf);
   }
   SLF_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "qk_norm_rope_cache", [&] {
     slf::cpu::qk_norm_rope_cache_impl<scalar_t>(
         q_out.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(), pos.data_ptr<int64_t>(), cs.data_ptr<float>(),
-        qw.defined() ? qw.data_ptr<float>() : nullptr, kw.defined() ? kw.data_ptr<float>() : nullptr,
+        qw, kw,
         k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(), num_tokens,
         num_q_heads, num_kv_heads, head_dim, rotary_dim, qkv.stride(0), k_cache.size(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), (float)eps);

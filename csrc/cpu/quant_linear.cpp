@@ -206,11 +206,12 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
   TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == n_out && out.stride(1) == 1 &&
                   out.scalar_type() == x.scalar_type(),
               "out must be [M, ", n_out, "] of x's dtype with contiguous rows");
-  torch::Tensor b;
+  thread_local std::vector<float> bias_buf;
+  const float* bp = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(!gate_up, "gate_up takes no bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_out, "bias must be [N] = [", n_out, "]");
-    b = bias->to(at::kFloat).contiguous();
+    bp = slf::cpu::fp32_vector(*bias, bias_buf);
   }
   if (M == 0 || n_out == 0) return;
 
@@ -246,7 +247,6 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
     w.z = zb == nullptr ? nullptr : full ? zb + m * n_out * ng + p * ng * kPanel : &tz[m * ng * kPanel];
     return w;
   };
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
 
   SLF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cpu_quant_linear", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
