@@ -52,3 +52,18 @@ def test_opcheck():
     args = (torch.empty(3, hq, d), torch.randn(3, (hq + 2 * hkv) * d), torch.tensor([0, 5, 9]), cs,
             torch.randn(hq, d), torch.randn(hkv, d), 1e-5, kc, vc, torch.tensor([0, -1, 7]), hq, hkv, d)
     torch.library.opcheck(torch.ops.stablelm_fast.qk_norm_rope_cache.default, args)
+
+
+@pytest.mark.parametrize("position", [-1, 16])
+def test_cpu_refuses_positions_outside_cos_sin(position):
+    """The C++ op checks every position against the cos_sin table (16 rows here) and names the bad one."""
+    from stablelm_fast.ops import get_ops
+
+    if get_ops("cpu").source["qk_norm_rope_cache"] != "cpu":
+        pytest.skip("no C++ CPU op in this build")
+    d, hq, hkv = 64, 2, 2
+    kc, vc = torch.zeros(4, 4, hkv, d), torch.zeros(4, 4, hkv, d)
+    cs = ref.rotary_cos_sin(16, d // 4, 10000.0)
+    with pytest.raises(RuntimeError, match=f"positions out of the cos_sin range: {position}"):
+        op("cpu", "qk_norm_rope_cache")(torch.randn(2, (hq + 2 * hkv) * d), torch.tensor([3, position]), cs, None,
+                                        None, 1e-5, kc, vc, torch.tensor([0, 1]), hq, hkv, d)
