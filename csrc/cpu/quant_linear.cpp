@@ -4,25 +4,20 @@
 // Kernels, by the weight's layout and the process's ISA (isa.h), x of M tokens:
 //   int8 activations (quant_vnni.cpp: AVX512-VNNI; quant_avx2.cpp: AVX2): x quantized per block of B = 32 k (B = the
 //        largest of 32 / 16 / 8 / 4 dividing the group size) to int8, dot products in int32. Every M (see choose()).
-//   bf16 blocks (quant_bf16.cpp, bf16 x): each panel dequantized to bf16 once per call, then on AMX machines above
-//        4 tokens oneDNN's brgemm (at::native::cpublas::brgemm, as brgemm_gemm.cpp; STABLELM_FAST_BRGEMM=1 forces
-//        it), else vdpbf16ps over every token group (STABLELM_FAST_QGEMM=bf16).
-//   scalar (STABLELM_FAST_ISA=scalar, CPUs without AVX2): fp32 dequantization, fp32 x.
+//   bf16 blocks (quant_bf16_gemm.cpp, bf16 x): each panel dequantized to bf16 once per call, then on AMX machines
+//        above 4 tokens oneDNN's brgemm (STABLELM_FAST_BRGEMM=1 forces it), else vdpbf16ps over every token group
+//        (STABLELM_FAST_QGEMM=bf16).
+//   scalar (quant_scalar.cpp; STABLELM_FAST_ISA=scalar, CPUs without AVX2): fp32 dequantization, fp32 x.
 // STABLELM_FAST_QGEMM=int|fp32|bf16 forces one AVX-512 kernel at every M (the bench and the tests use it; fp32 is
 // the in-register dequantization to fp32 FMAs of quant_vnni.cpp).
 // Threads own disjoint ranges of output panels (gate_up: a panel of Wg and the same panel of Wu). At M = 1 the
 // vnni kernel takes four panels at a time (micro_vnni4: four streams of W; measured ~1.2x one panel for int8).
 #include <algorithm>
 #include <atomic>
-#include <cmath>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
-#include <ATen/native/CPUBlas.h>
-
-#include "cpu/cpu_types.h"
-#include "cpu/quant.h"
+#include "cpu/quant_gemm.h"
 #include "ops.h"
 
 namespace slf::cpu {
@@ -31,8 +26,6 @@ bool use_brgemm(int64_t M);  // packed.h (not included: its kPanel would clash w
 
 namespace slf::cpu::quant {
 namespace {
-
-constexpr int64_t kBrgemmRows = 32;  // tokens per brgemm call (two 16-row AMX C tiles)
 
 enum class Kernel { kScalar, kAvx2, kVnni, kFp32, kBf16 };
 
@@ -96,80 +89,8 @@ const float* fp32_rows(const scalar_t* x, int64_t M, int64_t K, int64_t ld, std:
   return f;
 }
 
-template <typename scalar_t>
-void emit(const float* c, const float* cu, int64_t ldc, int64_t T, int64_t width, const float* bias, scalar_t* out,
-          int64_t ldo) {
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < width; ++j) {
-      float v = c[t * ldc + j];
-      if (cu != nullptr) v = silu(v) * cu[t * ldc + j];
-      else if (bias != nullptr) v += bias[j];
-      out[t * ldo + j] = from_float<scalar_t>(v);
-    }
-}
 
 }  // namespace
-
-void micro_scalar(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c) {
-  std::fill(c, c + T * kPanel, 0.f);
-  const int64_t rows_per_group = w.G / 4;
-  for (int64_t g = 0; g < w.K / w.G; ++g) {
-    float wf[kPanel][4];
-    for (int64_t r = 0; r < rows_per_group; ++r) {
-      const int64_t k = g * w.G + 4 * r;
-      for (int64_t f = 0; f < kPanel; ++f) {
-        const float zero = float((w.z ? w.z[g * kPanel + f] : w.zero) + w.offset), s = w.s[g * kPanel + f];
-        for (int64_t i = 0; i < 4; ++i) {
-          int u;
-          if (w.bits == 8) {
-            const uint8_t byte = w.q[(k / 4) * 64 + f * 4 + i];
-            u = w.offset ? int(byte) : int(static_cast<int8_t>(byte));
-          } else {
-            const uint8_t byte = w.q[(k / 8) * 64 + f * 4 + i];
-            u = (k / 4) % 2 ? byte >> 4 : byte & 15;
-          }
-          wf[f][i] = (float(u) - zero) * s;
-        }
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        const float* xr = x.f_row(t0 + t) + k;
-        for (int64_t f = 0; f < kPanel; ++f)
-          c[t * kPanel + f] += xr[0] * wf[f][0] + xr[1] * wf[f][1] + xr[2] * wf[f][2] + xr[3] * wf[f][3];
-      }
-    }
-  }
-}
-
-void quantize_rows(const float* xf, int64_t M, int64_t K, int64_t B, int64_t G, int8_t* q, float* bs, int32_t* bsum,
-                   float* gs) {
-  const int64_t nblk = K / B, ng = K / G, per_group = G / B;
-  const bool vec = B % 8 == 0 && static_cast<int>(cpu_isa()) >= static_cast<int>(Isa::kAvx2);
-  // NOTE: one thread below ~1M elements (a parallel region costs more than it saves at decode / small M)
-  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 20) / K), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      if (vec) {
-        quantize_row_avx2(xf + m * K, K, B, G, q + m * K, bs + m * nblk, bsum + m * nblk, gs + m * ng);
-        continue;
-      }
-      for (int64_t g = 0; g < ng; ++g) gs[m * ng + g] = 0.f;
-      for (int64_t b = 0; b < nblk; ++b) {
-        const float* xb = xf + m * K + b * B;
-        float amax = 0.f;
-        for (int64_t i = 0; i < B; ++i) amax = std::max(amax, std::fabs(xb[i]));
-        const float sx = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-        int32_t sum = 0;
-        for (int64_t i = 0; i < B; ++i) {
-          const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
-          q[m * K + b * B + i] = static_cast<int8_t>(v);
-          sum += v;
-        }
-        bs[m * nblk + b] = sx;
-        bsum[m * nblk + b] = sum;
-        gs[m * ng + b / per_group] += sx * float(sum);
-      }
-    }
-  });
-}
 
 }  // namespace slf::cpu::quant
 
@@ -221,83 +142,16 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
   Panel proto{nullptr, nullptr, nullptr, K, G, static_cast<int>(bits), bits == 8 && vnni_layout ? 128 : 0,
               bits == 8 ? 0 : bits == 6 ? 32 : 8};
 
-  // The tail panel of each matrix widened to 16 features (zero scales), so every micro-kernel sees full panels.
-  const int64_t row_bytes = K * bits / 8 / 4 * 4, panel_bytes = row_bytes * kPanel;  // bytes per feature / panel
-  const int64_t n_full = n_out / kPanel, tail = n_out % kPanel, n_panels = n_full + (tail > 0);
-  const int64_t n_mats = gate_up ? 2 : 1, R = row_bytes / 4;
-  const uint8_t* qb = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
-  const float* sb = scales.data_ptr<float>();
-  const uint8_t* zb = zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr;
-  std::vector<uint8_t> tq(tail ? n_mats * panel_bytes : 0), tz(tail && zb ? n_mats * ng * kPanel : 0);
-  std::vector<float> ts(tail ? n_mats * ng * kPanel : 0, 0.f);
-  for (int64_t m = 0; tail && m < n_mats; ++m) {
-    const uint8_t* q = qb + m * n_out * row_bytes + n_full * panel_bytes;
-    for (int64_t r = 0; r < R; ++r) std::memcpy(&tq[m * panel_bytes + r * 64], q + r * tail * 4, tail * 4);
-    const int64_t o = m * n_out * ng + n_full * ng * kPanel;
-    for (int64_t g = 0; g < ng; ++g) {
-      std::memcpy(&ts[(m * ng + g) * kPanel], sb + o + g * tail, tail * sizeof(float));
-      if (zb) std::memcpy(&tz[(m * ng + g) * kPanel], zb + o + g * tail, tail);
-    }
-  }
-  auto panel = [&](int64_t m, int64_t p) {
-    Panel w = proto;
-    const bool full = p < n_full;
-    w.q = full ? qb + m * n_out * row_bytes + p * panel_bytes : &tq[m * panel_bytes];
-    w.s = full ? sb + m * n_out * ng + p * ng * kPanel : &ts[m * ng * kPanel];
-    w.z = zb == nullptr ? nullptr : full ? zb + m * n_out * ng + p * ng * kPanel : &tz[m * ng * kPanel];
-    return w;
-  };
+  const PackedPanels w(proto, reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr<float>(),
+                       zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, n_out, gate_up);
+  const int64_t n_panels = w.n_panels;
 
   SLF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cpu_quant_linear", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t ldo = out.stride(0);
-    if (kernel == Kernel::kBf16) {
-      const bool brgemm = use_brgemm(M);
-      const auto* xb = reinterpret_cast<const c10::BFloat16*>(x.data_ptr());
-      const int per_chunk = gate_up ? kBf16Panels / 2 : kBf16Panels;
-      const int64_t n_chunks = (n_panels + per_chunk - 1) / per_chunk;
-      at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<uint32_t> buf(kBf16Panels * (K / 2) * kPanel);
-        alignas(64) float c[kBf16T * kBf16Panels * kPanel], cb[2 * kBrgemmRows * kPanel];
-        const uint32_t* wp[kBf16Panels];
-        for (int64_t ch = c0; ch < c1; ++ch) {
-          const int64_t p0 = ch * per_chunk;
-          const int np_out = static_cast<int>(std::min<int64_t>(per_chunk, n_panels - p0));
-          for (int64_t m = 0; m < n_mats; ++m)
-            for (int qq = 0; qq < np_out; ++qq) {
-              uint32_t* dst = &buf[(m * np_out + qq) * (K / 2) * kPanel];
-              dequant_bf16(panel(m, p0 + qq), dst);
-              wp[m * np_out + qq] = dst;
-            }
-          if (brgemm) {  // AMX: oneDNN's brgemm reads a dequantized panel as its packed B (N = 16, ld 16)
-            for (int64_t t0 = 0; t0 < M; t0 += kBrgemmRows) {
-              const int64_t rows = std::min(kBrgemmRows, M - t0);
-              for (int qq = 0; qq < np_out; ++qq) {
-                for (int64_t m = 0; m < n_mats; ++m)
-                  at::native::cpublas::brgemm(rows, kPanel, K, x.stride(0), kPanel, kPanel, false,
-                                              xb + t0 * x.stride(0),
-                                              reinterpret_cast<const c10::BFloat16*>(wp[m * np_out + qq]),
-                                              cb + m * kBrgemmRows * kPanel);
-                const int64_t p = p0 + qq, width = p < n_full ? kPanel : tail;
-                emit(cb, gate_up ? cb + kBrgemmRows * kPanel : nullptr, kPanel, rows, width,
-                     bp ? bp + p * kPanel : nullptr, o + t0 * ldo + p * kPanel, ldo);
-              }
-            }
-            continue;
-          }
-          for (int64_t t0 = 0; t0 < M; t0 += kBf16T) {
-            const int64_t T = std::min(kBf16T, M - t0);
-            micro_bf16(wp, np_out * static_cast<int>(n_mats), xb + t0 * x.stride(0), x.stride(0), T, K, c);
-            for (int qq = 0; qq < np_out; ++qq) {
-              const int64_t p = p0 + qq, width = p < n_full ? kPanel : tail;
-              emit(c + qq * kPanel, gate_up ? c + (np_out + qq) * kPanel : nullptr, kBf16Panels * kPanel, T, width,
-                   bp ? bp + p * kPanel : nullptr, o + t0 * ldo + p * kPanel, ldo);
-            }
-          }
-        }
-        if (brgemm) at::native::cpublas::brgemm_release();
-      });
-      return;
+    if (kernel == Kernel::kBf16) {  // (bf16 x only: choose())
+      return gemm_bf16_blocks(w, reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), x.stride(0), M, bp,
+                              reinterpret_cast<c10::BFloat16*>(o), ldo, gate_up);
     }
     // fp32 rows of x (scalar / fp32 kernels), then its int8 form (int kernels), in buffers of the calling thread.
     // NOTE: no tensors allocated per call: a decode step makes ~100 of these calls, and five allocations and a
@@ -335,19 +189,19 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
         alignas(64) float c4[4 * kPanel];
         for (; p + step <= p1; p += step) {
           Panel ws[4];
-          for (int i = 0; i < 4; ++i) ws[i] = gate_up ? panel(i % 2, p + i / 2) : panel(0, p + i);
+          for (int i = 0; i < 4; ++i) ws[i] = gate_up ? w.panel(i % 2, p + i / 2) : w.panel(0, p + i);
           micro_vnni4(ws, act, 0, c4);
           for (int64_t i = 0; i < step; ++i) {
-            const int64_t pi = p + i, width = pi < n_full ? kPanel : tail;
+            const int64_t pi = p + i;
             emit(c4 + (gate_up ? 2 * i : i) * kPanel, gate_up ? c4 + (2 * i + 1) * kPanel : nullptr, kPanel, 1,
-                 width, bp ? bp + pi * kPanel : nullptr, o + pi * kPanel, ldo);
+                 w.width(pi), bp ? bp + pi * kPanel : nullptr, o + pi * kPanel, ldo);
           }
         }
       }
       for (; p < p1; ++p) {
-        const Panel wg = panel(0, p);
-        const Panel wu = gate_up ? panel(1, p) : wg;
-        const int64_t width = p < n_full ? kPanel : tail;
+        const Panel wg = w.panel(0, p);
+        const Panel wu = gate_up ? w.panel(1, p) : wg;
+        const int64_t width = w.width(p);
         for (int64_t t0 = 0; t0 < M; t0 += tmax) {
           const int64_t T = std::min(tmax, M - t0);
           micro(wg, act, t0, T, c);
