@@ -23,7 +23,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # (bits, group_size, symmetric); group_size None: per channel (G = K)
 MODES = [(8, None, True), (8, 32, True), (8, 12, True), (8, 48, True), (4, 32, True), (4, 64, False), (4, 128, True),
          (4, 16, False), (4, 24, True), (6, 32, True), (6, None, True), (6, 64, False)]
-INT6_KERNEL = 6 in cpu_quant.quant_bits()
 
 
 def _weights(n, k, bits, g, symmetric, seed=0):
@@ -50,8 +49,6 @@ def _unpack(pq: torch.Tensor) -> torch.Tensor:
 def test_packed_layout(bits, n):
     k, g = 64, 32
     qw, s, z = qref.quantize_weight(torch.randn(n, k), bits, g, symmetric=bits != 4)
-    if bits == 6 and not INT6_KERNEL:
-        pytest.skip(f"no int6 kernel in the {LAYOUT} layout (test_int6_stays_canonical_without_its_kernel)")
     pq, ps, pz = cpu_quant.pack_quant_weight(qw, s, z, bits, g)
     quads = _unpack(pq)
     if bits == 8:
@@ -70,19 +67,6 @@ def test_packed_layout(bits, n):
     assert torch.equal(_unpack(ps.view(n, -1, 1).contiguous()).reshape(n, -1), s)
     if pz is not None:
         assert torch.equal(_unpack(pz.view(n, -1, 1).contiguous()).reshape(n, -1), z)
-
-
-def test_int6_stays_canonical_without_its_kernel():
-    """int6 has a kernel in the vnni layout only: elsewhere pack_quant_weight keeps it canonical (the reference runs
-    it; the lm_head then picks int8 instead, tests/test_quantization.py)."""
-    if INT6_KERNEL:
-        pytest.skip("this layout has the int6 kernel (test_packed_layout, test_int_kernels_exact_on_quantized_x)")
-    qw, s, z, g = _weights(20, 64, 6, 32, True)
-    pq, ps, pz = cpu_quant.pack_quant_weight(qw, s, z, 6, g)
-    assert pq is qw and ps is s and pz is None
-    x = torch.randn(3, 64)
-    torch.testing.assert_close(cpu_quant.quant_linear(x, pq, ps, pz, None, 6, g),
-                               qref.quant_linear(x, qw, s, z, None, 6, g))
 
 
 def _quantized_x(x: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +94,6 @@ def test_int_kernels_exact_on_quantized_x(bits, group_size, symmetric, m, n):
         pytest.skip("the scalar kernel does not quantize x (test_scalar_and_dequant_kernels_exact covers it)")
     if os.environ.get("STABLELM_FAST_QGEMM", "auto") not in ("auto", "int") and bits != 6:
         pytest.skip("a forced dequantizing kernel: covered by test_scalar_and_dequant_kernels_exact")
-    if bits == 6 and not INT6_KERNEL:
-        pytest.skip(f"no int6 kernel in the {LAYOUT} layout: int6 weights stay canonical (test_packed_layout)")
     k = 384
     qw, s, z, g = _weights(n, k, bits, group_size, symmetric, seed=m + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1000 + m))
@@ -131,9 +113,9 @@ def test_scalar_and_dequant_kernels_exact(bits, group_size, symmetric, m, monkey
     """The kernels that do not quantize x (scalar; fp32 and bf16 dequantization on AVX512) against the reference:
     fp32 to accumulation-order precision; bf16 within its roundings (each weight to bf16: 2^-9 |x| |w| per term;
     the output: 2^-8 |y|)."""
-    if bits == 6:
-        pytest.skip("int6 has the int-activation kernel only, whatever STABLELM_FAST_QGEMM says "
-                    "(test_int_kernels_exact_on_quantized_x)")
+    if bits == 6 and LAYOUT == "vnni":
+        pytest.skip("int6 has no dequantizing AVX-512 kernel: the int-activation one runs whatever "
+                    "STABLELM_FAST_QGEMM says (test_int_kernels_exact_on_quantized_x)")
     if LAYOUT == "vnni":
         kernels = [("fp32", torch.float32), ("bf16", torch.bfloat16)]
     elif LAYOUT == "scalar":

@@ -52,7 +52,7 @@ def test_quantized_at_load_runs_the_reference_quantizer_weights(tmp_path):
 
 
 def test_int6_lm_head_runs_the_reference_quantizer_weights(tmp_path):
-    """lm_head "int6" (int4's default where the backend has the kernel): groups of 128, symmetric."""
+    """lm_head "int6" (int4's default where the backend has the kernel: every CPU): groups of 128, symmetric."""
     if 6 not in get_ops("cpu").quant_bits():
         pytest.skip("no int6 kernel in this process's layout: the lm_head is int8 (test_int6_lm_head_falls_back)")
     ref = _dequantized_copy(str(tmp_path / "ref"), 8, -1, True, "int6")

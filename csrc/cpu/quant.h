@@ -9,7 +9,7 @@
 //                 scalar layout: vpmaddubsw's sign trick needs |q| <= 128);
 //           int4: byte i of feature f in row r holds k = 8r + i in its low nibble and k = 8r + 4 + i in its high one
 //                 (one 64-byte load of a full panel = two int8-style quad rows after a mask and a shift).
-//           int6 (vnni layout only; u in [0, 63]): per 16 k (three rows, 192 bytes of a full panel), rows 3c and
+//           int6 (every layout; u in [0, 63]): per 16 k (three rows, 192 bytes of a full panel), rows 3c and
 //                 3c + 1 hold the low nibbles of k = 16c .. 16c + 7 and 16c + 8 .. 16c + 15 as int4 does, and
 //                 byte i of feature f in row 3c + 2 the top two bits of k = 16c + i (bits 0-1), 16c + 4 + i
 //                 (bits 2-3), 16c + 8 + i (bits 4-5) and 16c + 12 + i (bits 6-7): each int8-style quad row is
@@ -46,7 +46,7 @@ struct Panel {
   const float* s;     // [K / G][16]
   const uint8_t* z;   // [K / G][16] or nullptr
   int64_t K, G;
-  int bits;           // 8, 6 (vnni kernels only) or 4
+  int bits;           // 8, 6 or 4
   int offset;         // stored u = q + offset
   int zero;           // the zero point when z == nullptr
 };

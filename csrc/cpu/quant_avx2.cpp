@@ -1,4 +1,4 @@
-// AVX2 micro-kernel of the int8 / int4 linear layers (layout in quant.h): int8 activations, one full panel of 16
+// AVX2 micro-kernel of the int8 / int6 / int4 linear layers (layout in quant.h): int8 activations, one full panel of 16
 // features (two ymm halves of 8) x T <= 2 tokens over the whole K (16 ymm registers: 4 int32 + 4 fp32 accumulators).
 //   int8 (signed layout): per 32-byte half of a quad row, vpmaddubsw(|w|, sign(xq, w)) (|w| <= 128, so a pair of
 //        products never saturates int16) and vpmaddwd with ones into 8 int32 lanes (one per feature).
@@ -16,6 +16,22 @@ namespace slf::cpu::quant {
 namespace {
 
 constexpr int64_t kAhead = 1024;
+
+// int6: half h's four int8-style quad rows of 16 k from the three rows at q (nibble | two top bits at bits 4-5;
+// quant_vnni.cpp's unpack6 on 32 bytes). u <= 63, |xq| <= 127: a pair of maddubs products sums to at most 32004.
+SLF_AVX2 inline __m256i join6_avx2(__m256i nib, __m256i hs) {
+  return _mm256_or_si256(_mm256_and_si256(nib, _mm256_set1_epi8(0x0f)), _mm256_and_si256(hs, _mm256_set1_epi8(0x30)));
+}
+
+SLF_AVX2 inline void unpack6_avx2(const uint8_t* q, __m256i* u) {
+  const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64));
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128));
+  u[0] = join6_avx2(v0, _mm256_slli_epi16(h, 4));
+  u[1] = join6_avx2(_mm256_srli_epi16(v0, 4), _mm256_slli_epi16(h, 2));
+  u[2] = join6_avx2(v1, h);
+  u[3] = join6_avx2(_mm256_srli_epi16(v1, 4), _mm256_srli_epi16(h, 2));
+}
 
 template <int T, int BITS>
 SLF_AVX2 void avx2(const Panel& w, const Act& x, int64_t t0, float* c) {
@@ -49,6 +65,24 @@ SLF_AVX2 void avx2(const Panel& w, const Act& x, int64_t t0, float* c) {
             for (int t = 0; t < T; ++t) {
               const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_set1_epi32(load4(xq[t] + k)), wv));
               ia[t][h] = _mm256_add_epi32(ia[t][h], _mm256_madd_epi16(p, ones));
+            }
+          }
+        }
+      } else if constexpr (BITS == 6) {  // 16 k per step (layout in quant.h); two maddubs per int16 sum
+        for (int t = 0; t < T; ++t) ia[t][0] = ia[t][1] = _mm256_setzero_si256();
+        for (int64_t r = 0; r < rows; r += 4, q += 192, k += 16) {
+          _mm_prefetch(reinterpret_cast<const char*>(q + kAhead), _MM_HINT_T0);
+          for (int h = 0; h < 2; ++h) {
+            __m256i u[4];
+            unpack6_avx2(q + 32 * h, u);
+            for (int t = 0; t < T; ++t) {
+              const __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(u[0], _mm256_set1_epi32(load4(xq[t] + k))),
+                                                 _mm256_maddubs_epi16(u[1], _mm256_set1_epi32(load4(xq[t] + k + 4))));
+              const __m256i bb = _mm256_add_epi16(
+                  _mm256_maddubs_epi16(u[2], _mm256_set1_epi32(load4(xq[t] + k + 8))),
+                  _mm256_maddubs_epi16(u[3], _mm256_set1_epi32(load4(xq[t] + k + 12))));
+              ia[t][h] = _mm256_add_epi32(ia[t][h],
+                                          _mm256_add_epi32(_mm256_madd_epi16(a, ones), _mm256_madd_epi16(bb, ones)));
             }
           }
         }
@@ -135,6 +169,7 @@ SLF_AVX2 void quantize_row8(const float* x, int64_t K, int64_t B, int64_t G, int
 void micro_avx2(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c) {
   TORCH_CHECK(T >= 1 && T <= kAvx2T, "micro_avx2: T out of range");
   if (w.bits == 8) return T == 1 ? avx2<1, 8>(w, x, t0, c) : avx2<2, 8>(w, x, t0, c);
+  if (w.bits == 6) return T == 1 ? avx2<1, 6>(w, x, t0, c) : avx2<2, 6>(w, x, t0, c);
   return T == 1 ? avx2<1, 4>(w, x, t0, c) : avx2<2, 4>(w, x, t0, c);
 }
 

@@ -45,9 +45,9 @@ Kernel choose(int bits, bool vnni_layout, bool signed_layout, bool bf16_x, int64
   if (vnni_layout)
     TORCH_CHECK(has_vnni(), "this int", bits, " weight was packed for avx512 vnni but the process runs ", isa_name(isa),
                 " (STABLELM_FAST_ISA / the CPU): pack weights in the process that uses them");
-  if (bits == 6) return Kernel::kVnni;  // int6 (vnni layout only) has this kernel only, at every M
   if (static_cast<int>(isa) < static_cast<int>(Isa::kAvx2)) return Kernel::kScalar;
   if (!has_vnni() || signed_layout) return Kernel::kAvx2;
+  if (bits == 6) return Kernel::kVnni;  // int6: the int-activation kernels only, at every M
   const int f = forced_kernel();
   if (f >= 0) {
     const Kernel k = static_cast<Kernel>(f);
@@ -137,7 +137,7 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
   if (M == 0 || n_out == 0) return;
 
   const bool signed_layout = qweight.scalar_type() == at::kChar;
-  const bool vnni_layout = (bits == 8 && !signed_layout) || bits == 6;
+  const bool vnni_layout = bits == 8 && !signed_layout;
   const Kernel kernel = choose(static_cast<int>(bits), vnni_layout, signed_layout, x.scalar_type() == at::kBFloat16, M);
   Panel proto{nullptr, nullptr, nullptr, K, G, static_cast<int>(bits), bits == 8 && vnni_layout ? 128 : 0,
               bits == 8 ? 0 : bits == 6 ? 32 : 8};

@@ -24,6 +24,11 @@ void micro_scalar(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c)
           if (w.bits == 8) {
             const uint8_t byte = w.q[(k / 4) * 64 + f * 4 + i];
             u = w.offset ? int(byte) : int(static_cast<int8_t>(byte));
+          } else if (w.bits == 6) {  // 16 k in three rows: two of nibbles, one of top bits (quant.h)
+            const int64_t c = k / 16, j = k % 16;
+            const uint8_t byte = w.q[(3 * c + j / 8) * 64 + f * 4 + i];
+            const int top = (w.q[(3 * c + 2) * 64 + f * 4 + i] >> (2 * (j / 4))) & 3;
+            u = ((j / 4) % 2 ? byte >> 4 : byte & 15) + 16 * top;
           } else {
             const uint8_t byte = w.q[(k / 8) * 64 + f * 4 + i];
             u = (k / 4) % 2 ? byte >> 4 : byte & 15;

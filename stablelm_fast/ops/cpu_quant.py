@@ -5,11 +5,11 @@
 once per process from the ISA (`quant_layout()`: "vnni" with AVX512-VNNI, else "avx2", or "scalar"; capped by
 STABLELM_FAST_ISA like every CPU kernel): panels of 16 output features, 4 bytes of k per feature side by side (the
 operand of vpdpbusd / vpmaddubsw); int8 stored + 128 as uint8 for vpdpbusd ("vnni"), signed for vpmaddubsw's sign
-trick ("avx2", "scalar"); int4 as two nibbles per byte, k and k + 4; int6 ("vnni" only) per 16 k as two int4-style
-rows of the low nibbles and one row of the top two bits of all 16 k. A packed qweight is 3-D ([N, R, 4]), scales and
+trick ("avx2", "scalar"); int4 as two nibbles per byte, k and k + 4; int6 per 16 k as two int4-style rows of the
+low nibbles and one row of the top two bits of all 16 k. A packed qweight is 3-D ([N, R, 4]), scales and
 zeros keep their canonical shapes. Weights the kernels do not take (group size not a multiple of 4 for int8 / 8 for
-int4 / 32 for int6, int6 without the vnni layout, not on the CPU) stay canonical, and quant_linear /
-quant_gate_up_silu run the reference on them (`quant_bits()` says which widths have kernels here).
+int4 / 32 for int6, not on the CPU) stay canonical, and quant_linear / quant_gate_up_silu run the reference on
+them.
 
 The kernels quantize x to int8 per block of 32 k (decode, and every M on AVX2 or for fp32 / fp16 x), as llama.cpp
 does for its Q8_0 / Q4_0 dot products; bf16 x above 4 tokens on AVX512-BF16 machines goes through dequantized bf16
@@ -36,8 +36,8 @@ def quant_layout() -> str:
 
 
 def quant_bits() -> tuple[int, ...]:
-    """The weight bit widths the kernels of this process run: int6 with the vnni layout only."""
-    return (8, 6, 4) if _LAYOUT == "vnni" else (8, 4)
+    """The weight bit widths the kernels of this process run: all three, in every layout."""
+    return (8, 6, 4)
 
 
 def act_block(group_size: int) -> int:
@@ -101,7 +101,7 @@ def pack_quant_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     if halves and n % 2:
         raise ValueError(f"a gate_up weight (halves=True) needs an even number of rows, got {n}")
     if (qweight.device.type != "cpu" or qweight.dim() != 2 or group_size % {8: 4, 6: 32, 4: 8}[bits]
-            or qweight.dtype != (torch.int8 if bits == 8 else torch.uint8) or bits not in quant_bits()):
+            or qweight.dtype != (torch.int8 if bits == 8 else torch.uint8)):
         return qweight, scales, zeros
     zeros = None if zeros is None else zeros.to(torch.uint8)
     if not halves:
