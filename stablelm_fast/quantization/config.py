@@ -15,8 +15,8 @@
 symmetric, no zero points; int4 only may be False), `lm_head`: "int8" (per output channel; the default of
 quantization="int8", as llama.cpp's Q8_0 files keep their output layer in Q8_0), "int6" (symmetric, groups of 128;
 the default of quantization="int4", as llama.cpp's Q4_0 files keep theirs in Q6_K: 6.25 bits a weight, 22% fewer
-bytes than int8; where the backend has no int6 kernel, `ops.quant_bits()`: Triton, it is int8), True (the same scheme as the
-other layers) or False (kept in the model's dtype, as vLLM does). The lm_head of a 1.6B is a quarter of its weights
+bytes than int8; int8 where the backend has no int6 kernel, `ops.quant_bits()`: Triton), True (the same scheme as
+the other layers) or False (kept in the model's dtype, as vLLM does). The lm_head of a 1.6B is a quarter of its weights
 (100352 x 2048): in bf16 it would read more bytes per decoded token than every int4 decoder layer together.
 Embeddings and norms are never quantized. Pre-quantized checkpoints keep their lm_head as stored.
 """
