@@ -142,20 +142,28 @@ def decode_weight_bytes(model_dir: str, dtype: torch.dtype = torch.bfloat16) -> 
 
 
 def quantized_decode_weight_bytes(model_dir: str, quantization: str, quantization_config: str | None = None) -> int:
-    """decode_weight_bytes with the linear layers in LLM(quantization=...)'s form: int8 1 byte, int4 half a byte
-    per weight, plus fp32 scales (and uint8 zero points) per group; lm_head and embeddings in bf16."""
+    """decode_weight_bytes with the linear layers in LLM(quantization=...)'s form (on the CPU): int8 1 byte, int6
+    3/4, int4 half a byte per weight, plus fp32 scales (and uint8 zero points) per group; the lm_head as
+    quantization_config's lm_head says (int8 per channel, int6 in groups of 128, as the others, or bf16);
+    embeddings in bf16."""
     from stablelm_fast.quantization import resolve_quant_config
+    from stablelm_fast.quantization.config import INT6_GROUP
 
     q = resolve_quant_config(quantization, json.loads(quantization_config) if quantization_config else None,
                              model_dir)
     cfg = load_config(model_dir)
     total = decode_weight_bytes(model_dir)
     for name, nbytes in checkpoint_tensor_bytes(model_dir).items():
-        if name.endswith("_proj.weight") or (q.lm_head and name == "lm_head.weight"):
-            numel = nbytes // _ckpt_itemsize(cfg)
-            k = cfg["intermediate_size"] if "down_proj" in name else cfg["hidden_size"]
-            groups = numel // q.group_for(k)
-            total += int(numel * q.bits / 8) + groups * (4 + (0 if q.sym else 1)) - numel * 2
+        k = cfg["intermediate_size"] if "down_proj" in name else cfg["hidden_size"]
+        if name.endswith("_proj.weight"):
+            bits, group, sym = q.bits, q.group_for(k), q.sym
+        elif name == "lm_head.weight" and q.lm_head:
+            bits, group, sym = {"int8": (8, k, True), "int6": (6, INT6_GROUP if k % INT6_GROUP == 0 else k, True)}.get(
+                q.lm_head, (q.bits, q.group_for(k), q.sym))
+        else:
+            continue
+        numel = nbytes // _ckpt_itemsize(cfg)
+        total += int(numel * bits / 8) + numel // group * (4 + (0 if sym else 1)) - numel * 2
     return total
 
 
