@@ -7,8 +7,9 @@
 Modes: 'int8' (symmetric per output channel) and 'int4-gG' (groups of G with zero points) / 'int4-gG-sym'
 (symmetric), each optionally followed by the lm_head's scheme: ':int8', ':int6' (the defaults of int8 and int4),
 ':bf16' (unquantized) or ':same', each run as LLM(quantization=..., quantization_config={"group_size": G, "sym":
-...}) against the same engine unquantized (same dtype and backend). Scoring is bench/quality.py's: perplexity of the held-out text, KL(ref ||
-run) over the reference's top k plus a rest bucket (a lower bound of the full-vocabulary KL), top-1 agreement.
+...}) against the same engine unquantized (same dtype and backend). Scoring is bench/quality.py's: perplexity of the
+held-out text, KL(ref || run) over the reference's top k plus a rest bucket (a lower bound of the full-vocabulary
+KL), top-1 agreement.
 
 --outliers: random weights have no outlier channels, trained models do. This writes a random model with the 1.6B's
 architecture (qkv bias, sequential residual, head_dim 64, intermediate / hidden = 2.75) shrunk to hidden 512 and 4

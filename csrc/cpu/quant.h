@@ -1,5 +1,5 @@
-// Weight-only int8 / int6 / int4 linear layers on the CPU: the packed layout, and the micro-kernels of each ISA that the
-// driver (quant_linear.cpp) calls per panel of 16 output features.
+// Weight-only int8 / int6 / int4 linear layers on the CPU: the packed layout, and the micro-kernels of each ISA that
+// the driver (quant_linear.cpp) calls per panel of 16 output features.
 //
 // Packed layout (stablelm_fast/ops/cpu_quant.py packs it at load; canonical form in ops/quant_reference.py). W [N, K]
 // is cut into panels of 16 features, the last one holding the N % 16 left (width w); per panel:

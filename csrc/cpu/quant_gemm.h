@@ -56,8 +56,8 @@ struct PackedPanels {
 
 // out[t][0:width] (row stride ldo) from c[t][0:width] (row stride ldc) of T tokens: + bias, or silu(c) * cu (gate_up).
 template <typename scalar_t>
-inline void emit(const float* c, const float* cu, int64_t ldc, int64_t T, int64_t width, const float* bias, scalar_t* out,
-          int64_t ldo) {
+inline void emit(const float* c, const float* cu, int64_t ldc, int64_t T, int64_t width, const float* bias,
+                 scalar_t* out, int64_t ldo) {
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < width; ++j) {
       float v = c[t * ldc + j];
