@@ -22,9 +22,8 @@
 //
 // W[n, k] = (u - offset - zero) * scale. With int8 activations (xq = round(x / sx) per block of B k, sx = max|x| / 127),
 //   y[n] = sum_g s[n,g] * (sum_{b in g} sx_b * dot_b(u, xq) - (zero + offset) * X_g),  X_g = sum_{b in g} sx_b * sum_b(xq)
-// with dot_b the int32 dot product of a block: vpdpbusd (AVX512-VNNI) or vpmaddubsw + vpmaddwd (AVX2). The vnni
-// kernels apply the scale and the zero correction once per group (fp32); the AVX2 one, without zero points (zero +
-// offset constant), corrects exactly in int32 per block: dot_b - (zero + offset) sum_b(xq).
+// with dot_b the int32 dot product of a block: vpdpbusd (AVX512-VNNI) or vpmaddubsw + vpmaddwd (AVX2). Without
+// zero points (zero + offset constant) the correction is exact, in int32 per block: dot_b - (zero + offset) sum_b(xq).
 #pragma once
 // NOTE: no torch/all.h here: the micro-kernel files include only this, c10's BFloat16 / TORCH_CHECK and the
 // intrinsics, and compile in seconds.

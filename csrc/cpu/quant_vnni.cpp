@@ -36,33 +36,26 @@ SLF_VNNI inline void unpack6(const uint8_t* q, __m512i* u) {
   u[3] = join6(_mm512_srli_epi16(v1, 4), _mm512_srli_epi16(h, 2));
 }
 
-// The end of group g for n tokens: acc[t] += scale * (ag[t] - (zero + offset) * X_g[t]), ag[t] being the group's
-// sum over blocks of sx_b * dot_b (u . xq): the zero correction and the weight scale once per group, not per block.
-SLF_VNNI inline void group_end(const Panel& w, int64_t g, const __m512* ag, const float* const* gs, __m512* acc,
-                               int n) {
-  const __m512 s = _mm512_loadu_ps(w.s + g * kPanel), z = zero_lanes(w, g);
-  for (int t = 0; t < n; ++t)
-    acc[t] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, _mm512_set1_ps(gs[t][g]), ag[t]), acc[t]);
-}
-
 template <int T, int BITS>
 SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
   const int64_t ng = w.K / w.G, nb = w.G / x.B, rows = x.B / 4;
   const uint8_t* q = w.q;
   const int8_t* xq[T];
   const float *bs[T], *gs[T];
+  const int32_t* bsum[T];
   __m512 acc[T];
   for (int t = 0; t < T; ++t) {
     xq[t] = x.q_row(t0 + t);
     bs[t] = x.bs_row(t0 + t);
+    bsum[t] = x.bsum_row(t0 + t);
     gs[t] = x.gs_row(t0 + t);
     acc[t] = _mm512_setzero_ps();
   }
   const __m512i low4 = _mm512_set1_epi8(0x0f), high4 = _mm512_set1_epi8(static_cast<char>(0xf0));
+  const int zeff = w.zero + w.offset;  // without zero points
   int64_t k = 0, b = 0;
   for (int64_t g = 0; g < ng; ++g) {
-    __m512 ag[T];  // sum over the group's blocks of sx_b * dot_b
-    for (int t = 0; t < T; ++t) ag[t] = _mm512_setzero_ps();
+    const __m512 s = _mm512_loadu_ps(w.s + g * kPanel);
     for (int64_t bi = 0; bi < nb; ++bi, ++b) {
       // NOTE: two int32 chains per token (even / odd quad rows): with one token, a single chain of vpdpbusd
       // (latency ~5 cycles) bounded int4 at ~6 bytes of W per cycle.
@@ -106,10 +99,17 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
         }
         for (int t = 0; t < T; ++t) ib[t] = _mm512_srai_epi32(ib[t], 4);
       }
-      for (int t = 0; t < T; ++t)
-        ag[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ia[t], ib[t])), _mm512_set1_ps(bs[t][b]), ag[t]);
+      for (int t = 0; t < T; ++t) ia[t] = _mm512_add_epi32(ia[t], ib[t]);
+      for (int t = 0; t < T; ++t) {
+        // exact zero correction in int32 when the zero point is one constant
+        const __m512i d = w.z ? ia[t] : _mm512_sub_epi32(ia[t], _mm512_set1_epi32(zeff * bsum[t][b]));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_set1_ps(bs[t][b])), acc[t]);
+      }
     }
-    group_end(w, g, ag, gs, acc, T);
+    if (w.z) {  // - (zero + offset) * s * X_g
+      const __m512 m = _mm512_mul_ps(zero_lanes(w, g), s);
+      for (int t = 0; t < T; ++t) acc[t] = _mm512_fnmadd_ps(m, _mm512_set1_ps(gs[t][g]), acc[t]);
+    }
   }
   for (int t = 0; t < T; ++t) _mm512_storeu_ps(c + t * kPanel, acc[t]);
 }
@@ -122,7 +122,8 @@ SLF_VNNI void vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
   const int64_t ng = w[0].K / w[0].G, nb = w[0].G / x.B, rows = x.B / 4;
   const int8_t* xq = x.q_row(t0);
   const float* bs = x.bs_row(t0);
-  const float* gs[1] = {x.gs_row(t0)};
+  const int32_t* bsum = x.bsum_row(t0);
+  const float* gs = x.gs_row(t0);
   const uint8_t* q[NP];
   __m512 acc[NP];
   for (int p = 0; p < NP; ++p) {
@@ -130,10 +131,11 @@ SLF_VNNI void vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
     acc[p] = _mm512_setzero_ps();
   }
   const __m512i low4 = _mm512_set1_epi8(0x0f), high4 = _mm512_set1_epi8(static_cast<char>(0xf0));
+  const int zeff = w[0].zero + w[0].offset;
   int64_t k = 0, b = 0;
   for (int64_t g = 0; g < ng; ++g) {
-    __m512 ag[NP];
-    for (int p = 0; p < NP; ++p) ag[p] = _mm512_setzero_ps();
+    __m512 s[NP];
+    for (int p = 0; p < NP; ++p) s[p] = _mm512_loadu_ps(w[p].s + g * kPanel);
     for (int64_t bi = 0; bi < nb; ++bi, ++b) {
       __m512i ia[NP], ih[NP];
       for (int p = 0; p < NP; ++p) ia[p] = ih[p] = _mm512_setzero_si512();
@@ -175,9 +177,16 @@ SLF_VNNI void vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
         for (int p = 0; p < NP; ++p) ia[p] = _mm512_add_epi32(ia[p], _mm512_srai_epi32(ih[p], 4));
       }
       const __m512 sx = _mm512_set1_ps(bs[b]);
-      for (int p = 0; p < NP; ++p) ag[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[p]), sx, ag[p]);
+      const __m512i corr = _mm512_set1_epi32(zeff * bsum[b]);
+      for (int p = 0; p < NP; ++p) {
+        const __m512i d = w[p].z ? ia[p] : _mm512_sub_epi32(ia[p], corr);
+        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s[p], sx), acc[p]);
+      }
     }
-    for (int p = 0; p < NP; ++p) group_end(w[p], g, &ag[p], gs, &acc[p], 1);
+    if (w[0].z) {
+      for (int p = 0; p < NP; ++p)
+        acc[p] = _mm512_fnmadd_ps(_mm512_mul_ps(zero_lanes(w[p], g), s[p]), _mm512_set1_ps(gs[g]), acc[p]);
+    }
   }
   for (int p = 0; p < NP; ++p) _mm512_storeu_ps(c + p * kPanel, acc[p]);
 }
