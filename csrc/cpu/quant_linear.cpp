@@ -89,7 +89,6 @@ const float* fp32_rows(const scalar_t* x, int64_t M, int64_t K, int64_t ld, std:
   return f;
 }
 
-
 }  // namespace
 
 }  // namespace slf::cpu::quant
@@ -111,7 +110,7 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
   TORCH_CHECK(qweight.size(1) * 32 == K * bits, "packed weight is for K = ", qweight.size(1) * 32 / bits,
               " but x has K = ", K);
-  const int64_t g_unit = bits == 8 ? 4 : bits == 6 ? 32 : 8;  // k per quad row (int6: two 16-k steps per block)
+  const int64_t g_unit = bits == 8 ? 4 : bits == 6 ? 32 : 8;  // k per kernel step (int6: a block of two 16-k steps)
   TORCH_CHECK(G > 0 && K % G == 0 && G % g_unit == 0, "group_size ", G, " must divide K = ", K,
               " and be a multiple of ", g_unit);
   const int64_t ng = K / G;
@@ -139,7 +138,7 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
   const bool signed_layout = qweight.scalar_type() == at::kChar;
   const bool vnni_layout = bits == 8 && !signed_layout;
   const Kernel kernel = choose(static_cast<int>(bits), vnni_layout, signed_layout, x.scalar_type() == at::kBFloat16, M);
-  Panel proto{nullptr, nullptr, nullptr, K, G, static_cast<int>(bits), bits == 8 && vnni_layout ? 128 : 0,
+  Panel proto{nullptr, nullptr, nullptr, K, G, static_cast<int>(bits), vnni_layout ? 128 : 0,
               bits == 8 ? 0 : bits == 6 ? 32 : 8};
 
   const PackedPanels w(proto, reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr<float>(),

@@ -4,8 +4,6 @@
 //                      quad rows; int6: three loads give four, unpack6), per token a broadcast of 4 bytes of xq and
 //                      one vpdpbusd (u8 weights x s8 x, 16 int32 lanes = the 16 features); per block of B k the
 //                      int32 sums -> fp32 x (sx * scale).
-// NOTE: the scale and the zero correction once per group instead (a second fp32 accumulator per token) measured
-// 1.45x slower at M = 128 (int4 g128, 2048 x 6144): the per-block multiply is cheaper than the extra live registers.
 //   micro_fp32_avx512  the in-register dequantization to fp32 FMAs (measured against micro_vnni in
 //                      bench/kernels/bench_quant_gemm.py; STABLELM_FAST_QGEMM=fp32 runs it): per 16 bytes of a quad
 //                      row (4 features x 4 k) a widening to 16 int32, a conversion, an FMA with scale / zero, and
@@ -13,6 +11,9 @@
 // The weights stream from DRAM once per panel, one sequential stream per thread.
 // NOTE: no software prefetch: 1-2 KB ahead measured ~10% slower than the hardware prefetchers alone on Zen 4
 // (int8 GEMV, one core, medians of interleaved runs on a loaded machine).
+// NOTE (micro_vnni): the scale and the zero correction once per group instead (a second fp32 accumulator per
+// token) measured 1.45x slower at M = 128 (int4 g128, 2048 x 6144): the per-block multiply costs less than the extra
+// live registers.
 #include <type_traits>
 
 #include <immintrin.h>
