@@ -69,12 +69,12 @@ def test_packed_layout(bits, n):
         assert torch.equal(_unpack(pz.view(n, -1, 1).contiguous()).reshape(n, -1), z)
 
 
-def _quantized_x(x: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x as the int-activation kernels see it (int8 per block of act_block(g), scale max|x| / 127, fp32 math), and
+def _quantized_x(x: torch.Tensor, g: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as the int-activation kernels see it (int8 per block of act_block(g, bits), scale max|x| / 127, fp32 math), and
     the weight each element of x may carry in the error: its scale where x / scale is within 1e-4 of a rounding
     tie (the kernel's fp32 1 / scale can land on the other side of it), else 0."""
     m, k = x.shape
-    b = cpu_quant.act_block(g)
+    b = cpu_quant.act_block(g, bits)
     xb = x.float().view(m, k // b, b)
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
@@ -100,7 +100,7 @@ def test_int_kernels_exact_on_quantized_x(bits, group_size, symmetric, m, n):
     b = torch.randn(n)
     packed = cpu_quant.pack_quant_weight(qw, s, z, bits, g)
     got = cpu_quant.quant_linear(x, *packed, b, bits, g)
-    xq, tie = _quantized_x(x, g)
+    xq, tie = _quantized_x(x, g, bits)
     expected = qref.quant_linear(xq, qw, s, z, b, bits, g)
     w = qref.dequantize_weight(qw, s, z, bits, g)
     allowed = 2e-5 * (1 + expected.abs()) + tie @ w.abs().t()
@@ -146,14 +146,15 @@ def test_scalar_and_dequant_kernels_exact(bits, group_size, symmetric, m, monkey
                                        qref.quant_gate_up_silu(x, qg, sg, zg, bits, g), atol=2e-5, rtol=2e-5)
 
 
-def test_activation_error_bound_holds_and_is_not_vacuous():
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 128), (8, 128)])
+def test_activation_error_bound_holds_and_is_not_vacuous(bits, group_size):
     """The bound the op tests add for the cpu backend holds for x quantized as the kernels do, and is within 10x of
     the largest error seen (so it does not hide a wrong result of the size of y)."""
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))
-    qw, s, z, g = _weights(48, 256, 4, 32, True)
-    w = qref.dequantize_weight(qw, s, z, 4, g)
-    err = (_quantized_x(x, g)[0] @ w.t() - x @ w.t()).abs()
-    bound = cpu_quant.activation_error_bound(x, w, g)
+    qw, s, z, g = _weights(48, 256, bits, group_size, True)
+    w = qref.dequantize_weight(qw, s, z, bits, g)
+    err = (_quantized_x(x, g, bits)[0] @ w.t() - x @ w.t()).abs()
+    bound = cpu_quant.activation_error_bound(x, w, g, bits)
     assert (err <= bound + 1e-6).all()
     assert bound.max() < 10 * err.max() and bound.max() < 0.1 * (x @ w.t()).abs().max()
 

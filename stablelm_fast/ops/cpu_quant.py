@@ -11,9 +11,10 @@ zeros keep their canonical shapes. Weights the kernels do not take (group size n
 int4 / 32 for int6, not on the CPU) stay canonical, and quant_linear / quant_gate_up_silu run the reference on
 them.
 
-The kernels quantize x to int8 per block of 32 k (decode, and every M on AVX2 or for fp32 / fp16 x), as llama.cpp
-does for its Q8_0 / Q4_0 dot products; bf16 x above 4 tokens on AVX512-BF16 machines goes through dequantized bf16
-blocks instead (csrc/cpu/quant_linear.cpp). `activation_error_bound` is the bound on what quantizing x adds.
+The kernels quantize x to int8 per block of k (decode, and every M on AVX2 or for fp32 / fp16 x; `act_block`: 32 k
+as llama.cpp does for its Q8_0 / Q4_0 dot products, up to 128 for int4 / int6 on AVX512-VNNI); bf16 x above 4
+tokens on AVX512-BF16 machines goes through dequantized bf16 blocks instead (csrc/cpu/quant_linear.cpp).
+`activation_error_bound` is the bound on what quantizing x adds.
 """
 
 from __future__ import annotations
@@ -40,17 +41,19 @@ def quant_bits() -> tuple[int, ...]:
     return (8, 6, 4)
 
 
-def act_block(group_size: int) -> int:
-    """k per int8 block of x in the int-activation kernels: the largest of 32, 16, 8, 4 dividing the group size."""
-    return next(b for b in (32, 16, 8, 4) if group_size % b == 0)
+def act_block(group_size: int, bits: int) -> int:
+    """k per int8 block of x in the int-activation kernels (csrc/cpu/quant_linear.cpp act_block): the largest of 128,
+    64, 32, 16, 8, 4 dividing the group size, at most 32 for int8 weights and outside the "vnni" layout."""
+    most = 128 if _LAYOUT == "vnni" and bits != 8 else 32
+    return next(b for b in (128, 64, 32, 16, 8, 4) if b <= most and group_size % b == 0)
 
 
-def activation_error_bound(x: torch.Tensor, weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[M, N]: the most that quantizing x to int8 (round to nearest, per block of B = act_block(group_size) k, scale
-    max|x_block| / 127) can move x @ weight^T: |x - x_q| <= scale / 2 element-wise, so the error of y[m, n] is at most
-    sum over blocks b of scale[m, b] / 2 * sum_{k in b} |W[n, k]|. weight: the dequantized [N, K] (fp32)."""
+def activation_error_bound(x: torch.Tensor, weight: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+    """[M, N]: the most that quantizing x to int8 (round to nearest, per block of B = act_block(group_size, bits) k,
+    scale max|x_block| / 127) can move x @ weight^T: |x - x_q| <= scale / 2 element-wise, so the error of y[m, n] is
+    at most sum over blocks b of scale[m, b] / 2 * sum_{k in b} |W[n, k]|. weight: the dequantized [N, K] (fp32)."""
     m, k = x.shape
-    b = act_block(group_size)
+    b = act_block(group_size, bits)
     half_scale = x.float().abs().view(m, k // b, b).amax(-1) / 127 / 2  # [M, K / B]
     wabs = weight.float().abs().view(weight.shape[0], k // b, b).sum(-1)  # [N, K / B]
     return half_scale @ wabs.t()

@@ -24,17 +24,17 @@ def _inputs(tokens, k, n, dtype, seed):
 
 
 def _check(backend, got, expected, dtype, x, qw, s, z, bits, g, gate_up=False):
-    """close() to the reference; the cpu backend quantizes x to int8 per block of 32 k in its decode kernels (as
-    llama.cpp does), which moves each GEMM output by at most cpu_quant.activation_error_bound (half a quantization
-    step of x per element, times |W|; through silu(gate) * up: |silu'| <= 1.1). That bound is added to the tolerance;
-    tests/test_cpu_quant.py checks those kernels to float precision on x quantized the same way, and that the bound
-    is within 10x of the errors seen."""
+    """close() to the reference; the cpu backend quantizes x to int8 per block of k in its decode kernels (as
+    llama.cpp does; cpu_quant.act_block), which moves each GEMM output by at most cpu_quant.activation_error_bound
+    (half a quantization step of x per element, times |W|; through silu(gate) * up: |silu'| <= 1.1). That bound is
+    added to the tolerance; tests/test_cpu_quant.py checks those kernels to float precision on x quantized the same
+    way, and that the bound is within 10x of the errors seen."""
     if backend != "cpu":
         return close(got, expected, dtype, fp32=2e-4)
     from stablelm_fast.ops.cpu_quant import activation_error_bound
 
     w = qref.dequantize_weight(qw, s, z, bits, g)
-    bound = activation_error_bound(x.float(), w, g)
+    bound = activation_error_bound(x.float(), w, g, bits)
     if gate_up:
         y = x.float() @ w.t()
         (gate, up), (bg, bu) = y.chunk(2, dim=-1), bound.chunk(2, dim=-1)
