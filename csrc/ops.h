@@ -47,6 +47,9 @@ void cpu_quant_linear(torch::Tensor& out, const torch::Tensor& x, const torch::T
                       const std::optional<torch::Tensor>& bias, int64_t bits, int64_t group_size, bool gate_up);
 std::string cpu_quant_layout();
 
+// csrc/cpu/memory.cpp: an uninitialized uint8 buffer for a load-time packed weight (2 MiB-aligned, huge pages advised)
+torch::Tensor cpu_weight_empty(int64_t nbytes);
+
 // ---- CUDA (csrc/cuda/torch_wrappers.cu; only in builds with SLF_WITH_CUDA) ----
 #ifdef SLF_WITH_CUDA
 void layernorm_cuda(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight,

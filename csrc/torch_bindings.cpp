@@ -62,6 +62,9 @@ TORCH_LIBRARY(stablelm_fast, ops) {
   ops.impl("cpu_quant_linear", torch::kCPU, &cpu_quant_linear);
   // The int8 / int4 layout this process packs: "vnni" (AVX512-VNNI), "avx2" or "scalar".
   ops.def("cpu_quant_layout() -> str", &cpu_quant_layout);
+  // An uninitialized uint8 [nbytes] CPU tensor for a packed weight: from 2 MiB up, 2 MiB-aligned anonymous memory
+  // advised to transparent huge pages (csrc/cpu/memory.cpp); smaller ones as torch.empty.
+  ops.def("cpu_weight_empty(int nbytes) -> Tensor", &cpu_weight_empty);
 #ifdef SLF_WITH_CUDA
   // CUDA kernels (csrc/cuda/); ops without a CUDA kernel fall back to the reference in ops/cuda_ops.py.
   ops.impl("layernorm", torch::kCUDA, &layernorm_cuda);

@@ -17,7 +17,7 @@ from stablelm_fast.layers.attention import AttentionMetadata
 from stablelm_fast.layers.parallel import TPInfo
 from stablelm_fast.loader import load_model
 from stablelm_fast.model import StableLM
-from stablelm_fast.ops import get_ops
+from stablelm_fast.ops import cpu_memory, get_ops
 from stablelm_fast.quantization import QuantConfig
 
 
@@ -41,6 +41,8 @@ class ModelRunner:
             torch.set_default_dtype(prev)
         load_model(self.model, model_dir, load_format, seed)
         self.model.eval()
+        if device.type == "cpu":
+            cpu_memory.release_free_heap()  # what loading's temporaries freed
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.graph_decoder = None

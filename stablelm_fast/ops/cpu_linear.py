@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import stablelm_fast._C  # noqa: F401  (registers torch.ops.stablelm_fast)
+from stablelm_fast.ops import cpu_memory
 from stablelm_fast.ops.extension import as_rows, silu_and_mul
 
 _ops = torch.ops.stablelm_fast
@@ -55,9 +56,9 @@ def pack_linear_weight(weight: torch.Tensor, halves: bool = False) -> torch.Tens
     if halves and n % 2:
         raise ValueError(f"a gate_up weight (halves=True) needs an even number of rows, got {n}")
     if _ISA in ("avx512bf16", "amx") and weight.dtype == torch.bfloat16 and k % 2 == 0:
-        out = torch.empty(n, k // 2, 2, dtype=weight.dtype)
+        out = cpu_memory.weight_empty((n, k // 2, 2), weight.dtype)
     else:
-        out = torch.empty(n, k, 1, dtype=weight.dtype)
+        out = cpu_memory.weight_empty((n, k, 1), weight.dtype)
     _ops.pack_linear_weight(out, weight.contiguous(), halves)
     return out
 

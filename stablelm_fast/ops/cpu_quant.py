@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 import stablelm_fast._C  # noqa: F401  (registers torch.ops.stablelm_fast)
+from stablelm_fast.ops import cpu_memory
 from stablelm_fast.ops import quant_reference as qref
 from stablelm_fast.ops.extension import as_rows
 
@@ -108,12 +109,14 @@ def pack_quant_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
         return qweight, scales, zeros
     zeros = None if zeros is None else zeros.to(torch.uint8)
     if not halves:
-        return _pack_one(qweight, scales, zeros, bits, group_size)
-    h = n // 2
-    parts = [_pack_one(qweight[i * h:(i + 1) * h], scales[i * h:(i + 1) * h],
-                       None if zeros is None else zeros[i * h:(i + 1) * h], bits, group_size) for i in range(2)]
-    return (torch.cat([parts[0][0], parts[1][0]]), torch.cat([parts[0][1], parts[1][1]]),
-            None if zeros is None else torch.cat([parts[0][2], parts[1][2]]))
+        packed = _pack_one(qweight, scales, zeros, bits, group_size)
+    else:
+        h = n // 2
+        parts = [_pack_one(qweight[i * h:(i + 1) * h], scales[i * h:(i + 1) * h],
+                           None if zeros is None else zeros[i * h:(i + 1) * h], bits, group_size) for i in range(2)]
+        packed = (torch.cat([parts[0][0], parts[1][0]]), torch.cat([parts[0][1], parts[1][1]]),
+                  None if zeros is None else torch.cat([parts[0][2], parts[1][2]]))
+    return tuple(None if t is None else cpu_memory.to_weight_memory(t) for t in packed)
 
 
 def _run(x, qweight, scales, zeros, bias, bits, group_size, gate_up: bool) -> torch.Tensor:
