@@ -143,7 +143,7 @@ def decode_weight_bytes(model_dir: str, dtype: torch.dtype = torch.bfloat16) -> 
 
 def quantized_decode_weight_bytes(model_dir: str, quantization: str, quantization_config: str | None = None) -> int:
     """decode_weight_bytes with the linear layers in LLM(quantization=...)'s form (on the CPU): int8 1 byte, int6
-    3/4, int4 half a byte per weight, plus fp32 scales (and uint8 zero points) per group; the lm_head as
+    3/4, int4 half a byte per weight, plus fp16 scales (csrc/cpu/quant.h; and uint8 zero points) per group; the lm_head as
     quantization_config's lm_head says (int8 per channel, int6 in groups of 128, as the others, or bf16);
     embeddings in bf16."""
     from stablelm_fast.quantization import resolve_quant_config
@@ -163,7 +163,7 @@ def quantized_decode_weight_bytes(model_dir: str, quantization: str, quantizatio
         else:
             continue
         numel = nbytes // _ckpt_itemsize(cfg)
-        total += int(numel * bits / 8) + numel // group * (4 + (0 if sym else 1)) - numel * 2
+        total += int(numel * bits / 8) + numel // group * (2 + (0 if sym else 1)) - numel * 2
     return total
 
 

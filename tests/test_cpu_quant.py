@@ -64,7 +64,7 @@ def test_packed_layout(bits, n):
     else:  # byte i of row r: k = 8r + i low nibble, 8r + 4 + i high nibble
         u = torch.stack([quads & 15, quads >> 4], dim=2).reshape(n, k)
         assert torch.equal(u, qref.unpack_int4(qw))
-    assert torch.equal(_unpack(ps.view(n, -1, 1).contiguous()).reshape(n, -1), s)
+    assert ps.dtype == torch.float16 and torch.equal(_unpack(ps.view(n, -1, 1).contiguous()).reshape(n, -1).float(), s)
     if pz is not None:
         assert torch.equal(_unpack(pz.view(n, -1, 1).contiguous()).reshape(n, -1), z)
 
@@ -228,3 +228,20 @@ def test_other_paths(var, value):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(HERE))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert " passed" in res.stdout
+
+
+def test_quantizer_scales_are_fp16_values_and_packing_keeps_them():
+    """The quantizer rounds scales to fp16 values before rounding weights against them (quant_reference.fp16_grid),
+    so the CPU layout's fp16 scales hold them exactly; extreme scales stay positive and finite."""
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(5))
+    w[0] *= 1e-9  # scales below fp16's smallest subnormal
+    w[1] *= 1e6  # scales above fp16's largest value
+    for bits, g, sym in [(4, 128, False), (4, 32, True), (6, 128, True), (8, 256, True)]:
+        qw, s, z = qref.quantize_weight(w, bits, g, sym)
+        assert torch.equal(s.half().float(), s) and (s > 0).all() and torch.isfinite(s).all()
+        _, ps, _ = cpu_quant.pack_quant_weight(qw, s, z, bits, g)
+        assert torch.equal(ps.float().flatten().sort().values, s.flatten().sort().values)
+    # rows of ordinary magnitude still quantize to within half a step (the rounded scale is the one used)
+    qw, s, z = qref.quantize_weight(w[2:], 4, 32, True)
+    deq = qref.dequantize_weight(qw, s, z, 4, 32)
+    assert ((deq - w[2:]).abs() <= s.repeat_interleave(32, dim=1) / 2 + 1e-7).all()

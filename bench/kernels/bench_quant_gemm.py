@@ -55,7 +55,7 @@ def ours(w, bits, g, kernel):
             os.environ["STABLELM_FAST_QGEMM"] = kernel
             ops.cpu_quant_linear(out, x, *wt, None, bits, g, False)
         return fn
-    return (pq, ps, pz), call, pq.numel() + ps.numel() * 4 + (0 if pz is None else pz.numel())
+    return (pq, ps, pz), call, pq.numel() + ps.numel() * ps.element_size() + (0 if pz is None else pz.numel())
 
 
 def torch_int8(w):

@@ -14,8 +14,9 @@
 //                 byte i of feature f in row 3c + 2 the top two bits of k = 16c + i (bits 0-1), 16c + 4 + i
 //                 (bits 2-3), 16c + 8 + i (bits 4-5) and 16c + 12 + i (bits 6-7): each int8-style quad row is
 //                 a nibble (mask / shift) ORed with two bits of the third row (one uniform shift, a mask).
-//   scales  fp32 [K / G][w];  zeros  uint8 [K / G][w] (or none: every zero is the default, 0 for int8, 32 for
-//           int6, 8 for int4).
+//   scales  fp16 [K / G][w] (as GPTQ / AWQ store them; quantization at load rounds scales to fp16 values, so that
+//           packing loses nothing: ops/quant_reference.py);  zeros  uint8 [K / G][w] (or none: every zero is the
+//           default, 0 for int8, 32 for int6, 8 for int4).
 // Packed qweight tensors are 3-D, [N, R, 4] with R = K bits / 32: uint8 (int4, int6, or int8 + 128: vnni) or int8
 // (int8, signed: avx2 / scalar); packed scales / zeros keep their canonical shape [N, K / G] in the order above. A
 // gate_up weight [Wg; Wu] is packed as two such matrices of N / 2 rows, stacked.
@@ -29,6 +30,7 @@
 // intrinsics, and compile in seconds.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
@@ -42,7 +44,7 @@ constexpr int64_t kPanel = 16;
 // One full panel (16 features; the driver widens the tail panel to 16 with zero scales).
 struct Panel {
   const uint8_t* q;   // [R][16][4]
-  const float* s;     // [K / G][16]
+  const uint16_t* s;  // [K / G][16] fp16 (bits)
   const uint8_t* z;   // [K / G][16] or nullptr
   int64_t K, G;
   int bits;           // 8, 6 or 4
@@ -65,6 +67,9 @@ struct Act {
   const float* gs_row(int64_t t) const { return gs + t * ng; }
   const float* f_row(int64_t t) const { return f + t * K; }
 };
+
+// An fp16 scale (its bits) as fp32.
+inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
 
 // 4 bytes of xq as one int32 (the operand broadcast to every lane of vpdpbusd / vpmaddubsw).
 inline int32_t load4(const int8_t* p) {

@@ -6,6 +6,11 @@
 
 namespace slf::cpu::quant {
 
+// group g's 16 fp16 scales as fp32 lanes.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 scale_lanes(const Panel& w, int64_t g) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.s + g * kPanel)));
+}
+
 // zero + offset of group g's 16 features as fp32 lanes: the panel's zero points, or its one default.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 zero_lanes(const Panel& w, int64_t g) {
   if (w.z == nullptr) return _mm512_set1_ps(float(w.zero + w.offset));

@@ -52,7 +52,8 @@ SLF_AVX2 void avx2(const Panel& w, const Act& x, int64_t t0, float* c) {
   const int zeff = w.zero + w.offset;
   int64_t k = 0, b = 0;
   for (int64_t g = 0; g < ng; ++g) {
-    const __m256 s[2] = {_mm256_loadu_ps(w.s + g * kPanel), _mm256_loadu_ps(w.s + g * kPanel + 8)};
+    const __m256 s[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.s + g * kPanel))),
+                          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.s + g * kPanel + 8)))};
     for (int64_t bi = 0; bi < nb; ++bi, ++b) {
       __m256i ia[T][2];
       if constexpr (BITS == 8) {

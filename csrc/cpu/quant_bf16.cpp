@@ -74,7 +74,7 @@ SLF_QBF16 void dequant_bf16(const Panel& w, uint32_t* dst) {
   const __m512i low4 = _mm512_set1_epi8(0x0f);
   const uint8_t* q = w.q;
   for (int64_t g = 0; g < ng; ++g) {
-    const __m512 s = _mm512_loadu_ps(w.s + g * kPanel);
+    const __m512 s = scale_lanes(w, g);
     const __m512 m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(zero_lanes(w, g), s));
     for (int64_t kg = 0; kg < w.G; kg += w.bits == 8 ? 4 : 8, q += 64) {
       const __m512i v = _mm512_loadu_si512(q);

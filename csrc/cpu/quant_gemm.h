@@ -16,19 +16,19 @@ namespace slf::cpu::quant {
 struct PackedPanels {
   Panel proto;
   const uint8_t* qb;
-  const float* sb;
+  const uint16_t* sb;  // fp16 scales
   const uint8_t* zb;
   int64_t n_out, ng, row_bytes, panel_bytes, n_full, tail, n_panels, n_mats;
   std::vector<uint8_t> tq, tz;
-  std::vector<float> ts;
+  std::vector<uint16_t> ts;
 
-  PackedPanels(const Panel& proto_, const uint8_t* q, const float* s, const uint8_t* z, int64_t n_out_, bool gate_up)
+  PackedPanels(const Panel& proto_, const uint8_t* q, const uint16_t* s, const uint8_t* z, int64_t n_out_, bool gate_up)
       : proto(proto_), qb(q), sb(s), zb(z), n_out(n_out_), ng(proto_.K / proto_.G),
         row_bytes(proto_.K * proto_.bits / 8), panel_bytes(row_bytes * kPanel), n_full(n_out_ / kPanel),
         tail(n_out_ % kPanel), n_panels(n_full + (tail > 0)), n_mats(gate_up ? 2 : 1) {
     if (tail == 0) return;
     tq.assign(n_mats * panel_bytes, 0);
-    ts.assign(n_mats * ng * kPanel, 0.f);
+    ts.assign(n_mats * ng * kPanel, 0);  // fp16 +0
     if (zb) tz.assign(n_mats * ng * kPanel, 0);
     const int64_t R = row_bytes / 4;
     for (int64_t m = 0; m < n_mats; ++m) {
@@ -36,7 +36,7 @@ struct PackedPanels {
       for (int64_t r = 0; r < R; ++r) std::memcpy(&tq[m * panel_bytes + r * 64], qt + r * tail * 4, tail * 4);
       const int64_t o = m * n_out * ng + n_full * ng * kPanel;
       for (int64_t g = 0; g < ng; ++g) {
-        std::memcpy(&ts[(m * ng + g) * kPanel], sb + o + g * tail, tail * sizeof(float));
+        std::memcpy(&ts[(m * ng + g) * kPanel], sb + o + g * tail, tail * sizeof(uint16_t));
         if (zb) std::memcpy(&tz[(m * ng + g) * kPanel], zb + o + g * tail, tail);
       }
     }

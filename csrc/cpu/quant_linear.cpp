@@ -122,9 +122,10 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
   TORCH_CHECK(G > 0 && K % G == 0 && G % g_unit == 0, "group_size ", G, " must divide K = ", K,
               " and be a multiple of ", g_unit);
   const int64_t ng = K / G;
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 2 &&
                   scales.size(0) == N && scales.size(1) == ng,
-              "scales must be contiguous float32 [N, K / group_size] = [", N, ", ", ng, "], got ", scales.sizes());
+              "scales must be packed by pack_quant_weight: contiguous float16 [N, K / group_size] = [", N, ", ", ng,
+              "], got ", scales.scalar_type(), " ", scales.sizes());
   if (zeros.has_value())
     TORCH_CHECK(zeros->scalar_type() == at::kByte && zeros->is_contiguous() && zeros->dim() == 2 &&
                     zeros->size(0) == N && zeros->size(1) == ng,
@@ -149,7 +150,7 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
   Panel proto{nullptr, nullptr, nullptr, K, G, static_cast<int>(bits), vnni_layout ? 128 : 0,
               bits == 8 ? 0 : bits == 6 ? 32 : 8};
 
-  const PackedPanels w(proto, reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr<float>(),
+  const PackedPanels w(proto, reinterpret_cast<const uint8_t*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
                        zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, n_out, gate_up);
   const int64_t n_panels = w.n_panels;
 

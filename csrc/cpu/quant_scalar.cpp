@@ -18,7 +18,8 @@ void micro_scalar(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c)
     for (int64_t r = 0; r < rows_per_group; ++r) {
       const int64_t k = g * w.G + 4 * r;
       for (int64_t f = 0; f < kPanel; ++f) {
-        const float zero = float((w.z ? w.z[g * kPanel + f] : w.zero) + w.offset), s = w.s[g * kPanel + f];
+        const float zero = float((w.z ? w.z[g * kPanel + f] : w.zero) + w.offset);
+        const float s = half_to_float(w.s[g * kPanel + f]);
         for (int64_t i = 0; i < 4; ++i) {
           int u;
           if (w.bits == 8) {

@@ -58,7 +58,7 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
   const int zeff = w.zero + w.offset;  // without zero points
   int64_t k = 0, b = 0;
   for (int64_t g = 0; g < ng; ++g) {
-    const __m512 s = _mm512_loadu_ps(w.s + g * kPanel);
+    const __m512 s = scale_lanes(w, g);
     for (int64_t bi = 0; bi < nb; ++bi, ++b) {
       // NOTE: two int32 chains per token (even / odd quad rows): with one token, a single chain of vpdpbusd
       // (latency ~5 cycles) bounded int4 at ~6 bytes of W per cycle.
@@ -138,7 +138,7 @@ SLF_VNNI void vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
   int64_t k = 0, b = 0;
   for (int64_t g = 0; g < ng; ++g) {
     __m512 s[NP];
-    for (int p = 0; p < NP; ++p) s[p] = _mm512_loadu_ps(w[p].s + g * kPanel);
+    for (int p = 0; p < NP; ++p) s[p] = scale_lanes(w[p], g);
     for (int64_t bi = 0; bi < nb; ++bi, ++b) {
       __m512i ia[NP], ih[NP];
       for (int p = 0; p < NP; ++p) ia[p] = ih[p] = _mm512_setzero_si512();
@@ -225,7 +225,7 @@ SLF_VNNI void fp32(const Panel& w, const Act& x, int64_t t0, float* c) {
   const uint8_t* q = w.q;
   int64_t k = 0;
   for (int64_t g = 0; g < ng; ++g) {
-    const __m512 s = _mm512_loadu_ps(w.s + g * kPanel);
+    const __m512 s = scale_lanes(w, g);
     const __m512 m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(zero_lanes(w, g), s));
     __m512 sl[4], ml[4];
     for (int j = 0; j < 4; ++j) {

@@ -6,8 +6,9 @@ once per process from the ISA (`quant_layout()`: "vnni" with AVX512-VNNI, else "
 STABLELM_FAST_ISA like every CPU kernel): panels of 16 output features, 4 bytes of k per feature side by side (the
 operand of vpdpbusd / vpmaddubsw); int8 stored + 128 as uint8 for vpdpbusd ("vnni"), signed for vpmaddubsw's sign
 trick ("avx2", "scalar"); int4 as two nibbles per byte, k and k + 4; int6 per 16 k as two int4-style rows of the
-low nibbles and one row of the top two bits of all 16 k. A packed qweight is 3-D ([N, R, 4]), scales and
-zeros keep their canonical shapes. Weights the kernels do not take (group size not a multiple of 4 for int8 / 8 for
+low nibbles and one row of the top two bits of all 16 k. A packed qweight is 3-D ([N, R, 4]), scales (fp16) and
+zeros keep their canonical shapes: scales quantized here are fp16 values already (quant_reference.fp16_grid), GPTQ /
+AWQ ones are fp16 in their files; others (a checkpoint's bf16 / fp32) round to the nearest fp16. Weights the kernels do not take (group size not a multiple of 4 for int8 / 8 for
 int4 / 32 for int6, not on the CPU) stay canonical, and quant_linear / quant_gate_up_silu run the reference on
 them.
 
@@ -30,6 +31,7 @@ _ops = torch.ops.stablelm_fast
 _PANEL = 16
 _LAYOUT = _ops.cpu_quant_layout()
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_FP16_MAX = 65504.0
 
 
 def quant_layout() -> str:
@@ -87,7 +89,8 @@ def _pack_one(qweight, scales, zeros, bits: int, group_size: int):
                              hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)], dim=2)
         quads = quads.view(n, -1, 4)
     packed_q = _panel_order(quads.contiguous())
-    packed_s = _panel_order(scales.float().contiguous().unsqueeze(-1)).view(scales.shape)
+    scales16 = scales.float().clamp(-_FP16_MAX, _FP16_MAX).half()
+    packed_s = _panel_order(scales16.contiguous().unsqueeze(-1)).view(scales.shape)
     packed_z = None if zeros is None else _panel_order(zeros.contiguous().unsqueeze(-1)).view(zeros.shape)
     return packed_q, packed_s, packed_z
 

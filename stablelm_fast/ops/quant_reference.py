@@ -8,7 +8,8 @@ what each backend's `pack_quant_weight` starts from):
                                          nibble; zero point 8 when zeros is None
     bits 6:  qweight uint8 [N, K]        q in [0, 63]; zero point 32 when zeros is None (the lm_head of int4
                                          models, as llama.cpp's Q4_0 files keep their output layer in Q6_K)
-    scales   float32 [N, K / G]          one per output feature and group of G = group_size consecutive k
+    scales   float32 [N, K / G]          one per output feature and group of G = group_size consecutive k; the
+                                         quantizer here makes them fp16 values (the CPU backend stores fp16)
     zeros    uint8 [N, K / G] or None    asymmetric zero points, in quantized units
 
     W[n, k] = (q[n, k] - zero[n, k // G]) * scales[n, k // G]
@@ -56,12 +57,22 @@ def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     return w.view(n, k)
 
 
+_FP16_SMALLEST, _FP16_MAX = 2.0**-24, 65504.0
+
+
+def fp16_grid(scales: torch.Tensor) -> torch.Tensor:
+    """Positive fp32 scales -> the nearest fp16 values (as fp32), kept within fp16's positive range (never 0 or inf).
+    The CPU kernels store scales in fp16 (half the bytes of fp32: ~3% of an int4 g128 weight); rounding them here,
+    before the weights are rounded against them, makes that storage exact."""
+    return scales.clamp(_FP16_SMALLEST, _FP16_MAX).half().float()
+
+
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest quantization of W [N, K] (any float dtype) into the canonical form above.
 
     symmetric: scale = max|w| / qmax over each group (int8: 127, int6: 31, stored as q + 32, int4: 7, stored as
-    q + 8), zeros None.
+    q + 8), zeros None. Scales are rounded to fp16 values (fp16_grid) before the weights are rounded against them.
     Asymmetric (int6 / int4): scale = (max - min) / (2^bits - 1) over each group (the range widened to hold 0),
     zero = round(-min / scale), zeros returned (uint8)."""
     n, k = weight.shape
@@ -72,14 +83,14 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric:
     if symmetric:
         qmax = (1 << (bits - 1)) - 1
         scales = w.abs().amax(dim=-1) / qmax
-        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        scales = fp16_grid(torch.where(scales > 0, scales, torch.ones_like(scales)))
         q = torch.round(w / scales[..., None]).clamp(-qmax - 1, qmax) + DEFAULT_ZERO[bits]
         zeros = None
     else:
         levels = (1 << bits) - 1
         lo, hi = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
         scales = (hi - lo) / levels
-        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        scales = fp16_grid(torch.where(scales > 0, scales, torch.ones_like(scales)))
         zero = torch.round(-lo / scales).clamp(0, levels)
         q = torch.round(w / scales[..., None] + zero[..., None]).clamp(0, levels)
         zeros = zero.to(torch.uint8)
