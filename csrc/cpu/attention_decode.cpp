@@ -205,7 +205,11 @@ void run_decode(scalar_t* out, const scalar_t* q, const scalar_t* k_cache, const
   std::vector<DecodeItem> split_items;
   for (const DecodeItem& w : items)
     if (w.part >= 0) split_items.push_back(w);
-  std::vector<float> partials(static_cast<size_t>(n_parts) * kMaxRows * (head_dim + 2));
+  // NOTE: buffers kept per thread between calls (grown, never zeroed): a fresh zeroed vector of the partials
+  // and of each thread's workspace cost a memset of ~100 KB per call, a few percent of a batch-1 call.
+  static thread_local std::vector<float> partials_buf;
+  partials_buf.resize(std::max(partials_buf.size(), static_cast<size_t>(n_parts) * kMaxRows * (head_dim + 2)));
+  float* const partials = partials_buf.data();  // (the calling thread's: the workers see it through this pointer)
   // NOTE: items differ in cost (context lengths); hand them out longest first from a shared counter
   std::stable_sort(items.begin(), items.end(),
                    [](const DecodeItem& a, const DecodeItem& b) { return a.cost > b.cost; });
@@ -214,7 +218,8 @@ void run_decode(scalar_t* out, const scalar_t* q, const scalar_t* k_cache, const
   const bool avx2 = cpu_has_avx2(), avx512 = cpu_isa() >= Isa::kAvx512Bf16;
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_items), 1, [&](int64_t, int64_t) {
     if (avx512) {  // attention_decode512.cpp
-      std::vector<float> ws_buf(decode512_workspace_floats(head_dim) + 16);
+      static thread_local std::vector<float> ws_buf;
+      ws_buf.resize(std::max<size_t>(ws_buf.size(), decode512_workspace_floats(head_dim) + 16));
       float* ws = ws_buf.data() + (16 - reinterpret_cast<uintptr_t>(ws_buf.data()) / 4 % 16) % 16;  // 64 B aligned
       for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
         const DecodeItem& it = items[i];
@@ -223,7 +228,7 @@ void run_decode(scalar_t* out, const scalar_t* q, const scalar_t* k_cache, const
                                         block_tables + it.seq * bt_stride, it.kv_head * g.c_head_stride,
                                         it.kv_heads * group, it.k0, it.k1,
                                         out + it.t0 * g.out_tok_stride + h0 * g.out_head_stride,
-                                        it.part >= 0 ? partials.data() + it.part * kMaxRows * (head_dim + 2) : nullptr,
+                                        it.part >= 0 ? partials + it.part * kMaxRows * (head_dim + 2) : nullptr,
                                         &g};
         decode_item_avx512<scalar_t>(args, ws);
       }
@@ -235,7 +240,7 @@ void run_decode(scalar_t* out, const scalar_t* q, const scalar_t* k_cache, const
       auto run = [&](auto avx2_tag) {
         decode_item<scalar_t, decltype(avx2_tag)::value>(
             it, out, q, k_cache, v_cache, block_tables + it.seq * bt_stride, g, qbuf, acc, scores,
-            partials.data());
+            partials);
       };
       if (avx2)
         run(std::true_type{});
@@ -248,7 +253,7 @@ void run_decode(scalar_t* out, const scalar_t* q, const scalar_t* k_cache, const
     while (j < split_items.size() && split_items[j].seq == split_items[i].seq &&
            split_items[j].kv_head == split_items[i].kv_head)
       ++j;
-    merge_splits(&split_items[i], static_cast<int64_t>(j - i), partials.data(), out, group, head_dim,
+    merge_splits(&split_items[i], static_cast<int64_t>(j - i), partials, out, group, head_dim,
                  g.out_tok_stride, g.out_head_stride);
     i = j;
   }
