@@ -73,6 +73,13 @@ int64_t decode512_workspace_floats(int64_t head_dim);
 template <typename scalar_t>
 void decode_item_avx512(const DecodeArgs<scalar_t>& a, float* workspace);
 
+// The context parts (up to kMaxParts) of one decode row block -> its normalized output rows: parts[s] is part s's
+// [rows][2 + D] (m, l, acc) from decode_item_avx512, in key order.
+constexpr int64_t kMaxParts = 8;
+template <typename scalar_t>
+void merge_parts_avx512(const float* const* parts, int64_t n, int64_t rows, int64_t d, scalar_t* out,
+                        int64_t out_head_stride);
+
 // Decode, one q token per sequence (attention_decode.cpp): out[b] = attention of q[b] over its context_lens[b] keys.
 template <typename scalar_t>
 void paged_decode(scalar_t* out, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,

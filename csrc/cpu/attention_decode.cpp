@@ -154,6 +154,13 @@ void merge_splits(const DecodeItem* parts, int64_t n, const float* partials, sca
                   int64_t head_dim, int64_t out_tok_stride, int64_t out_head_stride) {
   const DecodeItem& it = parts[0];
   const int64_t rows = it.kv_heads * group, stride = head_dim + 2;
+  if (cpu_isa() >= Isa::kAvx512Bf16 && n <= kMaxParts) {
+    const float* p[kMaxParts];
+    for (int64_t s = 0; s < n; ++s) p[s] = partials + parts[s].part * kMaxRows * stride;
+    merge_parts_avx512(p, n, rows, head_dim, out + it.t0 * out_tok_stride + it.kv_head * group * out_head_stride,
+                       out_head_stride);
+    return;
+  }
   std::vector<float> acc(head_dim);
   for (int64_t r = 0; r < rows; ++r) {
     const float* p = partials + it.part * kMaxRows * stride + r * stride;

@@ -234,7 +234,54 @@ SLF_AVX512 void item_impl(const DecodeArgs<T>& a, float* ws) {
   }
 }
 
+template <typename T>
+SLF_AVX512 void merge_impl(const float* const* parts, int64_t n, int64_t rows, int64_t d, T* out,
+                           int64_t out_head_stride) {
+  const int64_t stride = d + 2;
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    // 16 rows' (m, l) of every part; each part's weight exp(m_s - m) / l
+    const __mmask16 rm = (__mmask16)chunk_mask(std::min<int64_t>(16, rows - r0));
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(static_cast<int>(stride)));
+    __m512 ms[kMaxParts], ls[kMaxParts];
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int64_t x = 0; x < n; ++x) {
+      const float* base = parts[x] + r0 * stride;
+      ms[x] = _mm512_mask_i32gather_ps(_mm512_set1_ps(0.f), rm, idx, base, 4);
+      ls[x] = _mm512_mask_i32gather_ps(_mm512_set1_ps(1.f), rm, idx, base + 1, 4);
+      m = _mm512_max_ps(m, ms[x]);
+    }
+    __m512 l = _mm512_setzero_ps();
+    for (int64_t x = 0; x < n; ++x) {
+      ms[x] = exp16(_mm512_sub_ps(ms[x], m));  // the part's factor
+      l = _mm512_fmadd_ps(ms[x], ls[x], l);
+    }
+    alignas(64) float w[kMaxParts][16];
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), l);
+    for (int64_t x = 0; x < n; ++x) _mm512_store_ps(w[x], _mm512_mul_ps(ms[x], inv));
+    for (int64_t r = r0; r < std::min(rows, r0 + 16); ++r)
+      for (int64_t i = 0; i < d; i += 16) {
+        const __mmask16 mask = (__mmask16)chunk_mask(std::min<int64_t>(16, d - i));
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t x = 0; x < n; ++x)
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(w[x][r - r0]),
+                                _mm512_maskz_loadu_ps(mask, parts[x] + r * stride + 2 + i), acc);
+        store16(out + r * out_head_stride + i, acc, mask);
+      }
+  }
+}
+
 }  // namespace
+
+template <typename scalar_t>
+void merge_parts_avx512(const float* const* parts, int64_t n, int64_t rows, int64_t d, scalar_t* out,
+                        int64_t out_head_stride) {
+  merge_impl<scalar_t>(parts, n, rows, d, out, out_head_stride);
+}
+
+template void merge_parts_avx512<float>(const float* const*, int64_t, int64_t, int64_t, float*, int64_t);
+template void merge_parts_avx512<bf16>(const float* const*, int64_t, int64_t, int64_t, bf16*, int64_t);
+template void merge_parts_avx512<c10::Half>(const float* const*, int64_t, int64_t, int64_t, c10::Half*, int64_t);
 
 int64_t decode512_workspace_floats(int64_t head_dim) {
   return kMaxRows * ((head_dim + 31) / 32 * 32) + kKeyTile * kMaxRows;
