@@ -9,6 +9,11 @@
 // bf16: q . k with vdpbf16ps straight from the bf16 q and cache (exact products, fp32 sums), and V widened 32 values
 // at a time as even / odd halves of its 32-bit lanes (shift / mask), so acc holds each 32 dims permuted (the even
 // dims, then the odd) until the epilogue. fp32 / fp16: 16 dims at a time, in order. Tails with masked loads.
+// NOTE: tried and not kept (bench/kernels/bench_attention.py and alternated runs, Zen 4, 2026-12-02): software
+// prefetch of the next rows (V during Q K, K four keys ahead): slower cold at batch 1 (ctx 128, 2 threads: 76 ->
+// 82-99 us), the hardware prefetchers follow the front-to-back rows; P V with vdpbf16ps on key pairs (P rounded
+// to bf16): no measurable gain (ctx 64: 23.1 -> 22.4 us, in the noise); batch 1 split by heads (2 x 16) instead of
+// context parts: slower cold (ctx 128: ~82 -> ~100-117 us).
 #include <algorithm>
 #include <cmath>
 
