@@ -53,6 +53,33 @@ inline float softmax_tile(SoftmaxState* st, float* s, int64_t n) {
   return alpha;
 }
 
+// One decode work item for decode_item_avx512 (attention_decode512.cpp): q rows r = q heads h0 + r of one token
+// (kv head (h0 + r) / group) against keys [k0, k1) of its sequence.
+template <typename scalar_t>
+struct DecodeArgs {
+  const scalar_t* q;                      // [rows, D] at g->q_head_stride: q head h0 of the token
+  const scalar_t* k_cache;                // [num_blocks, block_size, Hkv, D]
+  const scalar_t* v_cache;                // same
+  const int32_t* block_table;             // [max_blocks] of the sequence
+  int64_t head_off;                       // cache offset of kv head h0 / group within a token row
+  int64_t rows, k0, k1;
+  scalar_t* out;                          // [rows, D] at g->out_head_stride (partial == nullptr)
+  float* partial;                         // [rows][2 + D]: (m, l, unnormalized acc) of a context part, or nullptr
+  const TileGeom* g;
+};
+
+// fp32 elements (64-byte aligned) of one thread's workspace for decode_item_avx512.
+int64_t decode512_workspace_floats(int64_t head_dim);
+template <typename scalar_t>
+void decode_item_avx512(const DecodeArgs<scalar_t>& a, float* workspace);
+
+// The context parts (up to kMaxParts) of one decode row block -> its normalized output rows: parts[s] is part s's
+// [rows][2 + D] (m, l, acc) from decode_item_avx512, in key order.
+constexpr int64_t kMaxParts = 8;
+template <typename scalar_t>
+void merge_parts_avx512(const float* const* parts, int64_t n, int64_t rows, int64_t d, scalar_t* out,
+                        int64_t out_head_stride);
+
 // Decode, one q token per sequence (attention_decode.cpp): out[b] = attention of q[b] over its context_lens[b] keys.
 template <typename scalar_t>
 void paged_decode(scalar_t* out, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,

@@ -1,5 +1,5 @@
 // Paged decode attention on CPU (one q token per sequence), with GQA: work items of whole cache rows, small batches'
-// contexts split in parts and merged (flash-decoding); AVX2 / scalar tiles here, AVX-512 ones in
+// contexts split in parts and merged (flash-decoding); AVX2 / scalar tiles here, whole AVX-512 items in
 // attention_decode512.cpp. Scores, softmax and the accumulator in fp32 (online softmax over tiles of kKeyTile keys).
 #include <atomic>
 #include <vector>
@@ -93,7 +93,7 @@ void decode_pv_scalar(float* acc, int64_t rows, int64_t group, int64_t d, const 
 // shape 10.9 -> 3.1 ms (16% -> 51% of the memory bandwidth), 12B shape (GQA 4, D = 160) 6.8 -> 3.8 ms.
 template <typename scalar_t, bool kAvx2>
 void decode_item(const DecodeItem& it, scalar_t* out, const scalar_t* q, const scalar_t* k_cache,
-                 const scalar_t* v_cache, const int32_t* block_table, const TileGeom& g, bool avx512,
+                 const scalar_t* v_cache, const int32_t* block_table, const TileGeom& g,
                  std::vector<float>& qbuf, std::vector<float>& acc, std::vector<float>& scores, float* partials) {
   const int64_t group = g.group, head_dim = g.head_dim, block_size = g.block_size, c_head_stride = g.c_head_stride;
   const int64_t q_tok_stride = g.q_tok_stride, q_head_stride = g.q_head_stride, out_tok_stride = g.out_tok_stride,
@@ -115,10 +115,7 @@ void decode_item(const DecodeItem& it, scalar_t* out, const scalar_t* q, const s
     for (int64_t j = 0; j < jn; ++j)
       row_off[j] = (int64_t)block_table[(j0 + j) / block_size] * c_block_stride +
                    ((j0 + j) % block_size) * c_tok_stride + head_off;
-    if (kAvx2 && avx512)
-      decode_qk_avx512(qbuf.data(), rows, group, head_dim, k_cache, row_off, jn, c_head_stride, scale, kf.data(),
-                       scores.data(), kKeyTile);
-    else if constexpr (kAvx2)
+    if constexpr (kAvx2)
       decode_qk_avx2(qbuf.data(), rows, group, head_dim, k_cache, row_off, jn, c_head_stride, scale, kf.data(),
                      scores.data());
     else
@@ -129,10 +126,7 @@ void decode_item(const DecodeItem& it, scalar_t* out, const scalar_t* q, const s
       float* ar = acc.data() + r * head_dim;
       for (int64_t i = 0; i < head_dim; ++i) ar[i] *= alpha;
     }
-    if (kAvx2 && avx512)
-      decode_pv_avx512(acc.data(), rows, group, head_dim, v_cache, row_off, jn, c_head_stride, scores.data(),
-                       kKeyTile);
-    else if constexpr (kAvx2)
+    if constexpr (kAvx2)
       decode_pv_avx2(acc.data(), rows, group, head_dim, v_cache, row_off, jn, c_head_stride, scores.data());
     else
       decode_pv_scalar(acc.data(), rows, group, head_dim, v_cache, row_off, jn, c_head_stride, scores.data());
@@ -160,6 +154,13 @@ void merge_splits(const DecodeItem* parts, int64_t n, const float* partials, sca
                   int64_t head_dim, int64_t out_tok_stride, int64_t out_head_stride) {
   const DecodeItem& it = parts[0];
   const int64_t rows = it.kv_heads * group, stride = head_dim + 2;
+  if (cpu_isa() >= Isa::kAvx512Bf16 && n <= kMaxParts) {
+    const float* p[kMaxParts];
+    for (int64_t s = 0; s < n; ++s) p[s] = partials + parts[s].part * kMaxRows * stride;
+    merge_parts_avx512(p, n, rows, head_dim, out + it.t0 * out_tok_stride + it.kv_head * group * out_head_stride,
+                       out_head_stride);
+    return;
+  }
   std::vector<float> acc(head_dim);
   for (int64_t r = 0; r < rows; ++r) {
     const float* p = partials + it.part * kMaxRows * stride + r * stride;
@@ -211,7 +212,11 @@ void run_decode(scalar_t* out, const scalar_t* q, const scalar_t* k_cache, const
   std::vector<DecodeItem> split_items;
   for (const DecodeItem& w : items)
     if (w.part >= 0) split_items.push_back(w);
-  std::vector<float> partials(static_cast<size_t>(n_parts) * kMaxRows * (head_dim + 2));
+  // NOTE: buffers kept per thread between calls (grown, never zeroed): a fresh zeroed vector of the partials
+  // and of each thread's workspace cost a memset of ~100 KB per call, a few percent of a batch-1 call.
+  static thread_local std::vector<float> partials_buf;
+  partials_buf.resize(std::max(partials_buf.size(), static_cast<size_t>(n_parts) * kMaxRows * (head_dim + 2)));
+  float* const partials = partials_buf.data();  // (the calling thread's: the workers see it through this pointer)
   // NOTE: items differ in cost (context lengths); hand them out longest first from a shared counter
   std::stable_sort(items.begin(), items.end(),
                    [](const DecodeItem& a, const DecodeItem& b) { return a.cost > b.cost; });
@@ -219,13 +224,30 @@ void run_decode(scalar_t* out, const scalar_t* q, const scalar_t* k_cache, const
   const int64_t n_items = (int64_t)items.size();
   const bool avx2 = cpu_has_avx2(), avx512 = cpu_isa() >= Isa::kAvx512Bf16;
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_items), 1, [&](int64_t, int64_t) {
+    if (avx512) {  // attention_decode512.cpp
+      static thread_local std::vector<float> ws_buf;
+      ws_buf.resize(std::max<size_t>(ws_buf.size(), decode512_workspace_floats(head_dim) + 16));
+      float* ws = ws_buf.data() + (16 - reinterpret_cast<uintptr_t>(ws_buf.data()) / 4 % 16) % 16;  // 64 B aligned
+      for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
+        const DecodeItem& it = items[i];
+        const int64_t h0 = it.kv_head * group;
+        const DecodeArgs<scalar_t> args{q + it.t0 * g.q_tok_stride + h0 * g.q_head_stride, k_cache, v_cache,
+                                        block_tables + it.seq * bt_stride, it.kv_head * g.c_head_stride,
+                                        it.kv_heads * group, it.k0, it.k1,
+                                        out + it.t0 * g.out_tok_stride + h0 * g.out_head_stride,
+                                        it.part >= 0 ? partials + it.part * kMaxRows * (head_dim + 2) : nullptr,
+                                        &g};
+        decode_item_avx512<scalar_t>(args, ws);
+      }
+      return;
+    }
     std::vector<float> qbuf(kMaxRows * head_dim), acc(kMaxRows * head_dim), scores(kMaxRows * kKeyTile);
     for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
       const DecodeItem& it = items[i];
       auto run = [&](auto avx2_tag) {
         decode_item<scalar_t, decltype(avx2_tag)::value>(
-            it, out, q, k_cache, v_cache, block_tables + it.seq * bt_stride, g, avx512, qbuf, acc, scores,
-            partials.data());
+            it, out, q, k_cache, v_cache, block_tables + it.seq * bt_stride, g, qbuf, acc, scores,
+            partials);
       };
       if (avx2)
         run(std::true_type{});
@@ -238,7 +260,7 @@ void run_decode(scalar_t* out, const scalar_t* q, const scalar_t* k_cache, const
     while (j < split_items.size() && split_items[j].seq == split_items[i].seq &&
            split_items[j].kv_head == split_items[i].kv_head)
       ++j;
-    merge_splits(&split_items[i], static_cast<int64_t>(j - i), partials.data(), out, group, head_dim,
+    merge_splits(&split_items[i], static_cast<int64_t>(j - i), partials, out, group, head_dim,
                  g.out_tok_stride, g.out_head_stride);
     i = j;
   }

@@ -28,19 +28,3 @@ void tile_attention_item(bool avx512, int64_t t0, int64_t t1, int64_t kv_head, s
                          int64_t q_start, int64_t q_len, int64_t ctx, const TileGeom& g, float* workspace);
 
 }  // namespace slf::cpu
-
-namespace slf::cpu {
-
-// Decode tiles with 16-lane AVX-512 (csrc/cpu/attention_decode512.cpp; attention_decode.cpp has the AVX2 / scalar
-// ones):
-// scores[r * ld + j] = q_r . k_j * scale and acc[r] += scores[r * ld + j] * v_j for the jn keys at cache offsets
-// off[j] (first kv head of the item); row r reads kv head r / group.
-template <typename scalar_t>
-void decode_qk_avx512(const float* qbuf, int64_t rows, int64_t group, int64_t d, const scalar_t* k_cache,
-                      const int64_t* off, int64_t jn, int64_t c_head_stride, float scale, float* kf, float* scores,
-                      int64_t ld);
-template <typename scalar_t>
-void decode_pv_avx512(float* acc, int64_t rows, int64_t group, int64_t d, const scalar_t* v_cache,
-                      const int64_t* off, int64_t jn, int64_t c_head_stride, const float* scores, int64_t ld);
-
-}  // namespace slf::cpu
