@@ -22,7 +22,8 @@ struct PackedPanels {
   std::vector<uint8_t> tq, tz;
   std::vector<uint16_t> ts;
 
-  PackedPanels(const Panel& proto_, const uint8_t* q, const uint16_t* s, const uint8_t* z, int64_t n_out_, bool gate_up)
+  PackedPanels(const Panel& proto_, const uint8_t* q, const uint16_t* s, const uint8_t* z, int64_t n_out_,
+               bool gate_up)
       : proto(proto_), qb(q), sb(s), zb(z), n_out(n_out_), ng(proto_.K / proto_.G),
         row_bytes(proto_.K * proto_.bits / 8), panel_bytes(row_bytes * kPanel), n_full(n_out_ / kPanel),
         tail(n_out_ % kPanel), n_panels(n_full + (tail > 0)), n_mats(gate_up ? 2 : 1) {

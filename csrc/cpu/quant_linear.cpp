@@ -150,7 +150,8 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
   Panel proto{nullptr, nullptr, nullptr, K, G, static_cast<int>(bits), vnni_layout ? 128 : 0,
               bits == 8 ? 0 : bits == 6 ? 32 : 8};
 
-  const PackedPanels w(proto, reinterpret_cast<const uint8_t*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+  const PackedPanels w(proto, reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
+                       reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
                        zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, n_out, gate_up);
   const int64_t n_panels = w.n_panels;
 

@@ -8,9 +8,9 @@ operand of vpdpbusd / vpmaddubsw); int8 stored + 128 as uint8 for vpdpbusd ("vnn
 trick ("avx2", "scalar"); int4 as two nibbles per byte, k and k + 4; int6 per 16 k as two int4-style rows of the
 low nibbles and one row of the top two bits of all 16 k. A packed qweight is 3-D ([N, R, 4]), scales (fp16) and
 zeros keep their canonical shapes: scales quantized here are fp16 values already (quant_reference.fp16_grid), GPTQ /
-AWQ ones are fp16 in their files; others (a checkpoint's bf16 / fp32) round to the nearest fp16. Weights the kernels do not take (group size not a multiple of 4 for int8 / 8 for
-int4 / 32 for int6, not on the CPU) stay canonical, and quant_linear / quant_gate_up_silu run the reference on
-them.
+AWQ ones are fp16 in their files; others (a checkpoint's bf16 / fp32) round to the nearest fp16. Weights the
+kernels do not take (group size not a multiple of 4 for int8 / 8 for int4 / 32 for int6, not on the CPU) stay
+canonical, and quant_linear / quant_gate_up_silu run the reference on them.
 
 The kernels quantize x to int8 per block of k (decode, and every M on AVX2 or for fp32 / fp16 x; `act_block`: 32 k
 as llama.cpp does for its Q8_0 / Q4_0 dot products, up to 128 for int4 / int6 on AVX512-VNNI); bf16 x above 4
@@ -31,7 +31,6 @@ _ops = torch.ops.stablelm_fast
 _PANEL = 16
 _LAYOUT = _ops.cpu_quant_layout()
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_FP16_MAX = 65504.0
 
 
 def quant_layout() -> str:
@@ -89,7 +88,7 @@ def _pack_one(qweight, scales, zeros, bits: int, group_size: int):
                              hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)], dim=2)
         quads = quads.view(n, -1, 4)
     packed_q = _panel_order(quads.contiguous())
-    scales16 = scales.float().clamp(-_FP16_MAX, _FP16_MAX).half()
+    scales16 = scales.float().clamp(-qref.FP16_MAX, qref.FP16_MAX).half()
     packed_s = _panel_order(scales16.contiguous().unsqueeze(-1)).view(scales.shape)
     packed_z = None if zeros is None else _panel_order(zeros.contiguous().unsqueeze(-1)).view(zeros.shape)
     return packed_q, packed_s, packed_z

@@ -57,14 +57,14 @@ def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     return w.view(n, k)
 
 
-_FP16_SMALLEST, _FP16_MAX = 2.0**-24, 65504.0
+FP16_SMALLEST, FP16_MAX = 2.0**-24, 65504.0  # the smallest positive and the largest fp16 values
 
 
 def fp16_grid(scales: torch.Tensor) -> torch.Tensor:
     """Positive fp32 scales -> the nearest fp16 values (as fp32), kept within fp16's positive range (never 0 or inf).
     The CPU kernels store scales in fp16 (half the bytes of fp32: ~3% of an int4 g128 weight); rounding them here,
     before the weights are rounded against them, makes that storage exact."""
-    return scales.clamp(_FP16_SMALLEST, _FP16_MAX).half().float()
+    return scales.clamp(FP16_SMALLEST, FP16_MAX).half().float()
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = True
