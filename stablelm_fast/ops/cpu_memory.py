@@ -8,6 +8,7 @@ changes. STABLELM_FAST_HUGE_PAGES=0 turns it off (plain torch.empty), e.g. to me
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -23,11 +24,7 @@ def weight_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> tor
     """An uninitialized contiguous CPU tensor for a packed weight (huge-page memory from 2 MiB up, see above)."""
     if not enabled():
         return torch.empty(shape, dtype=dtype)
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return _ops.cpu_weight_empty(numel * itemsize).view(dtype).view(shape)
+    return _ops.cpu_weight_empty(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
 
 def to_weight_memory(t: torch.Tensor) -> torch.Tensor:
