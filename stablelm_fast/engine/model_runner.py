@@ -11,7 +11,7 @@ import os
 import torch
 
 from stablelm_fast.config import ModelConfig
-from stablelm_fast.engine import kv_cache
+from stablelm_fast.engine import cpu_forward, kv_cache
 from stablelm_fast.engine.step_input import StepInput
 from stablelm_fast.layers.attention import AttentionMetadata
 from stablelm_fast.layers.parallel import TPInfo
@@ -46,6 +46,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.graph_decoder = None
+        self.cpu_forward: cpu_forward.CpuForward | None = None
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         shard = self.model.head_shard
@@ -57,6 +58,8 @@ class ModelRunner:
         self.kv_caches = kv_cache.allocate(self.config.num_hidden_layers, num_blocks, block_size,
                                            self.model.head_shard.num_kv, self.config.head_dim, self.dtype, self.device)
         self.num_blocks = num_blocks
+        # the cpu backend in one process: every decoder layer in one C++ call (engine/cpu_forward.py)
+        self.cpu_forward = cpu_forward.build(self.model, self.kv_caches, self.backend)
 
     def enable_cuda_graphs(self, max_batch: int, max_blocks_per_seq: int) -> None:
         """Capture decode CUDA graphs (CUDA only; STABLELM_FAST_CUDA_GRAPHS=0 turns them off)."""
@@ -83,6 +86,8 @@ class ModelRunner:
         graphs = self.graph_decoder
         if graphs is not None and step.is_decode and graphs.can_run(step.input_ids.numel()):
             hidden = graphs.run(step.input_ids.to(dev), step.positions.to(dev), meta)
+        elif self.cpu_forward is not None:
+            hidden = self.cpu_forward(step.input_ids, step.positions, meta)
         else:
             hidden = self.model(step.input_ids.to(dev), step.positions.to(dev), meta, self.kv_caches)
         if step.logits_indices.numel() == 0:
