@@ -107,6 +107,34 @@ def test_int_kernels_exact_on_quantized_x(bits, group_size, symmetric, m, n):
     assert ((got - expected).abs() <= allowed).all(), (got - expected).abs().max()
 
 
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 32, False), (6, 32, True)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 9])
+def test_bf16_output_is_the_fp32_output_rounded(bits, group_size, symmetric, m):
+    """bf16 x and fp32 x holding the same values take the same int kernels (x is converted to fp32, then quantized);
+    only the epilogue differs (AVX-512 for bf16 on vnni machines, quant_gemm.h's emit otherwise): the bf16 output is
+    the fp32 one rounded to bf16, with the bias (bf16 values) added in fp32; through gate_up's silu (a polynomial exp
+    there, std::exp here) within one bf16 step. n = 37: a tail panel of 5 features."""
+    if LAYOUT == "scalar":
+        pytest.skip("the scalar kernel does not quantize x")
+    if os.environ.get("STABLELM_FAST_QGEMM", "auto") not in ("auto", "int"):
+        pytest.skip("a forced dequantizing kernel for bf16 x")
+    brgemm = os.environ.get("STABLELM_FAST_BRGEMM")
+    if brgemm == "1" or (ISA == "amx" and brgemm != "0" and m > 4):
+        pytest.skip("bf16 x takes dequantized bf16 blocks and brgemm here (test_op_quant_linear checks that path)")
+    n, k = 37, 128
+    qw, s, z, g = _weights(n, k, bits, group_size, symmetric, seed=7 * m)
+    packed = cpu_quant.pack_quant_weight(qw, s, z, bits, g)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(99)).to(torch.bfloat16)
+    got = cpu_quant.quant_linear(x, *packed, b, bits, g)
+    assert torch.equal(got, cpu_quant.quant_linear(x.float(), *packed, b.float(), bits, g).to(torch.bfloat16))
+    gpq, gps, gpz = cpu_quant.pack_quant_weight(*_weights(2 * n + 2, k, bits, group_size, symmetric, seed=m)[:3],
+                                                bits, g, halves=True)
+    got = cpu_quant.quant_gate_up_silu(x, gpq, gps, gpz, bits, g).float()
+    want = cpu_quant.quant_gate_up_silu(x.float(), gpq, gps, gpz, bits, g)
+    assert ((got - want).abs() <= 2 ** -7 * want.abs() + 1e-6).all()  # a bf16 step: 2^-8 to 2^-7 of |value|
+
+
 @pytest.mark.parametrize("bits,group_size,symmetric", MODES)
 @pytest.mark.parametrize("m", [1, 5, 70])
 def test_scalar_and_dequant_kernels_exact(bits, group_size, symmetric, m, monkeypatch):

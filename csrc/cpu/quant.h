@@ -105,6 +105,12 @@ void micro_bf16(const uint32_t* const* w, int np, const c10::BFloat16* x, int64_
                 float* c);
 constexpr int64_t kBf16T = 6, kBf16Panels = 4;
 
+// The driver's epilogue for bf16 x on AVX512-VNNI machines (they have AVX512-BF16: cpu_isa() >= avx512bf16):
+// out[t][0:width] (row stride ldo) for t < T from fp32 c (row stride ldc): + bias, or silu(c) * cu (gate_up), fp32
+// math as quant_gemm.h's scalar emit, rounded to bf16 to nearest even.
+void emit_bf16(const float* c, const float* cu, int64_t ldc, int64_t T, int64_t width, const float* bias,
+               c10::BFloat16* out, int64_t ldo);
+
 // Whether the CPU has AVX512-VNNI on top of the process's ISA (cpu_isa() >= avx512bf16).
 bool has_vnni();
 

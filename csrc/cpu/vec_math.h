@@ -64,6 +64,12 @@ SLF_AVX2 static inline __m256 silu8(__m256 x) {
   return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
 }
 
+// silu on 16 lanes (two silu8): the AVX-512 epilogues of vnni_gemm.cpp and quant_vnni.cpp.
+__attribute__((target("avx512f,avx512dq,avx2,fma,f16c"))) static inline __m512 silu16(__m512 v) {
+  const __m256 lo = silu8(_mm512_castps512_ps256(v)), hi = silu8(_mm512_extractf32x8_ps(v, 1));
+  return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+}
+
 // In-register transpose: r[i] = row i (8 columns) -> r[j] = column j.
 SLF_AVX2 static inline void transpose8(__m256 r[8]) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);

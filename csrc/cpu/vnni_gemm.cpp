@@ -85,11 +85,6 @@ SLF_AVX512BF16 inline __m512 round_bf16(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-SLF_AVX512BF16 inline __m512 silu16(__m512 v) {
-  const __m256 lo = silu8(_mm512_castps512_ps256(v)), hi = silu8(_mm512_extractf32x8_ps(v, 1));
-  return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
-}
-
 // out[t][col0 + j] for j < width (<= 16) from one 16-feature column of c (gate_up: gate and up columns).
 SLF_AVX512BF16 inline void emit(const float* c, const float* cu, const float* bias, int64_t width, bf16* o) {
   const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1);
