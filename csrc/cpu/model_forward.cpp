@@ -7,6 +7,7 @@
 //
 // Built once after the weights are packed and the KV cache allocated (stablelm_fast/engine/cpu_forward.py, which
 // also decides when this path applies); it holds references to the model's tensors, never copies.
+#include <ATen/record_function.h>
 #include <torch/all.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -20,6 +21,10 @@ namespace slf::cpu {
 namespace {
 
 using OptTensor = std::optional<torch::Tensor>;
+
+// Each kernel call shows in torch.profiler under its op's name, as on the Python path (bench/profile_step.py); a
+// flag check when no profiler runs.
+#define SLF_RECORD(name) RECORD_FUNCTION(name, c10::ArrayRef<const c10::IValue>{})
 
 // One linear layer as the model's linear method runs it (layers/linear.py, quantization/linear_method.py).
 struct Linear {
@@ -35,10 +40,13 @@ struct Linear {
     const torch::Tensor x = perm.has_value() ? x_in.index_select(1, *perm) : x_in;
     torch::Tensor out = torch::empty({x.size(0), n_out()}, x.options());
     if (bits != 0) {
+      SLF_RECORD("stablelm_fast::cpu_quant_linear");
       cpu_quant_linear(out, x, w, *scales, zeros, bias, bits, group, gate_up);
     } else if (gate_up) {
+      SLF_RECORD("stablelm_fast::gate_up_silu");
       gate_up_silu(out, x, w);
     } else {
+      SLF_RECORD("stablelm_fast::linear");
       linear(out, x, w, bias);
     }
     return out;
@@ -101,22 +109,29 @@ class CpuForward : public torch::CustomClassHolder {
     for (const Layer& L : layers_) {
       torch::Tensor h = torch::empty_like(x);
       if (!residual.defined()) {  // the first layer: the residual stream starts as the embeddings
+        SLF_RECORD("stablelm_fast::layernorm");
         layernorm(h, x, L.ln1_w, L.ln1_b, eps_);
         residual = x;
       } else {
         torch::Tensor r = torch::empty_like(x);
+        SLF_RECORD("stablelm_fast::add_layernorm");
         add_layernorm(h, r, x, residual, L.ln1_w, L.ln1_b, eps_);
         residual = r;
       }
       const torch::Tensor qkv = L.qkv(h);
       torch::Tensor q = torch::empty({T, num_q_, head_dim_}, x.options());
       torch::Tensor k_cache = L.k_cache, v_cache = L.v_cache;
-      qk_norm_rope_cache(q, qkv, positions, cos_sin, L.q_norm, L.k_norm, eps_, k_cache, v_cache, slot_mapping,
-                         num_q_, num_kv_, head_dim_);
+      {
+        SLF_RECORD("stablelm_fast::qk_norm_rope_cache");
+        qk_norm_rope_cache(q, qkv, positions, cos_sin, L.q_norm, L.k_norm, eps_, k_cache, v_cache, slot_mapping,
+                           num_q_, num_kv_, head_dim_);
+      }
       torch::Tensor o = torch::empty_like(q);
       if (is_decode) {
+        SLF_RECORD("stablelm_fast::paged_attention_decode");
         paged_attention_decode(o, q, k_cache, v_cache, block_tables, context_lens, scale_);
       } else {
+        SLF_RECORD("stablelm_fast::paged_attention");
         paged_attention(o, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale_);
       }
       torch::Tensor attn = L.o(o.view({T, num_q_ * head_dim_}));
@@ -124,12 +139,16 @@ class CpuForward : public torch::CustomClassHolder {
         x = attn.add_(L.down(L.gate_up(h)));
       } else {
         torch::Tensor h2 = torch::empty_like(x), r2 = torch::empty_like(x);
-        add_layernorm(h2, r2, attn, residual, *L.ln2_w, L.ln2_b, eps_);
+        {
+          SLF_RECORD("stablelm_fast::add_layernorm");
+          add_layernorm(h2, r2, attn, residual, *L.ln2_w, L.ln2_b, eps_);
+        }
         residual = r2;
         x = L.down(L.gate_up(h2));
       }
     }
     torch::Tensor out = torch::empty_like(x), r = torch::empty_like(x);
+    SLF_RECORD("stablelm_fast::add_layernorm");
     add_layernorm(out, r, x, residual, norm_w_, norm_b_, eps_);
     return out;
   }
