@@ -41,21 +41,18 @@ SLF_VNNI inline void unpack6(const uint8_t* q, __m512i* u) {
   u[3] = join6(_mm512_srli_epi16(v1, 4), _mm512_srli_epi16(h, 2));
 }
 
+// NOTE: x's rows addressed from one pointer each (token t at t K, t K / B, t ng) and the row loops unrolled: with a
+// pointer per token and rolled loops GCC spilled pointers and copied every accumulator once an iteration.
 template <int T, int BITS>
 SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
-  const int64_t ng = w.K / w.G, nb = w.G / x.B, rows = x.B / 4;
+  const int64_t ng = w.K / w.G, nb = w.G / x.B, rows = x.B / 4, K = x.K, nbk = K / x.B;
   const uint8_t* q = w.q;
-  const int8_t* xq[T];
-  const float *bs[T], *gs[T];
-  const int32_t* bsum[T];
+  const int8_t* const xq = x.q_row(t0);
+  const float* const bs = x.bs_row(t0);
+  const int32_t* const bsum = x.bsum_row(t0);
+  const float* const gs = x.gs_row(t0);
   __m512 acc[T];
-  for (int t = 0; t < T; ++t) {
-    xq[t] = x.q_row(t0 + t);
-    bs[t] = x.bs_row(t0 + t);
-    bsum[t] = x.bsum_row(t0 + t);
-    gs[t] = x.gs_row(t0 + t);
-    acc[t] = _mm512_setzero_ps();
-  }
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   const __m512i low4 = _mm512_set1_epi8(0x0f), high4 = _mm512_set1_epi8(static_cast<char>(0xf0));
   const int zeff = w.zero + w.offset;  // without zero points
   int64_t k = 0, b = 0;
@@ -68,38 +65,42 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
       for (int t = 0; t < T; ++t) ia[t] = ib[t] = _mm512_setzero_si512();
       if constexpr (BITS == 8) {
         int64_t r = 0;
+#pragma GCC unroll 4
         for (; r + 2 <= rows; r += 2, q += 128, k += 8) {
           const __m512i w0 = _mm512_loadu_si512(q), w1 = _mm512_loadu_si512(q + 64);
           for (int t = 0; t < T; ++t) {
-            ia[t] = _mm512_dpbusd_epi32(ia[t], w0, _mm512_set1_epi32(load4(xq[t] + k)));
-            ib[t] = _mm512_dpbusd_epi32(ib[t], w1, _mm512_set1_epi32(load4(xq[t] + k + 4)));
+            ia[t] = _mm512_dpbusd_epi32(ia[t], w0, _mm512_set1_epi32(load4(xq + t * K + k)));
+            ib[t] = _mm512_dpbusd_epi32(ib[t], w1, _mm512_set1_epi32(load4(xq + t * K + k + 4)));
           }
         }
         if (r < rows) {  // B = 4: one quad row per block
           const __m512i w0 = _mm512_loadu_si512(q);
-          for (int t = 0; t < T; ++t) ia[t] = _mm512_dpbusd_epi32(ia[t], w0, _mm512_set1_epi32(load4(xq[t] + k)));
+          for (int t = 0; t < T; ++t)
+            ia[t] = _mm512_dpbusd_epi32(ia[t], w0, _mm512_set1_epi32(load4(xq + t * K + k)));
           q += 64;
           k += 4;
         }
       } else if constexpr (BITS == 6) {  // 16 k (four quad rows of x) per step; B is a multiple of 16
+#pragma GCC unroll 2
         for (int64_t r = 0; r < rows; r += 4, q += 192, k += 16) {
           __m512i u[4];
           unpack6(q, u);
           for (int t = 0; t < T; ++t) {
-            ia[t] = _mm512_dpbusd_epi32(ia[t], u[0], _mm512_set1_epi32(load4(xq[t] + k)));
-            ib[t] = _mm512_dpbusd_epi32(ib[t], u[1], _mm512_set1_epi32(load4(xq[t] + k + 4)));
-            ia[t] = _mm512_dpbusd_epi32(ia[t], u[2], _mm512_set1_epi32(load4(xq[t] + k + 8)));
-            ib[t] = _mm512_dpbusd_epi32(ib[t], u[3], _mm512_set1_epi32(load4(xq[t] + k + 12)));
+            ia[t] = _mm512_dpbusd_epi32(ia[t], u[0], _mm512_set1_epi32(load4(xq + t * K + k)));
+            ib[t] = _mm512_dpbusd_epi32(ib[t], u[1], _mm512_set1_epi32(load4(xq + t * K + k + 4)));
+            ia[t] = _mm512_dpbusd_epi32(ia[t], u[2], _mm512_set1_epi32(load4(xq + t * K + k + 8)));
+            ib[t] = _mm512_dpbusd_epi32(ib[t], u[3], _mm512_set1_epi32(load4(xq + t * K + k + 12)));
           }
         }
       } else {
         // the high nibbles stay in place (16 x their value, no shift per load): ib = 16 x the sum, exactly
+#pragma GCC unroll 4
         for (int64_t r = 0; r < rows; r += 2, q += 64, k += 8) {
           const __m512i v = _mm512_loadu_si512(q);
           const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(v, high4);
           for (int t = 0; t < T; ++t) {
-            ia[t] = _mm512_dpbusd_epi32(ia[t], lo, _mm512_set1_epi32(load4(xq[t] + k)));
-            ib[t] = _mm512_dpbusd_epi32(ib[t], hi, _mm512_set1_epi32(load4(xq[t] + k + 4)));
+            ia[t] = _mm512_dpbusd_epi32(ia[t], lo, _mm512_set1_epi32(load4(xq + t * K + k)));
+            ib[t] = _mm512_dpbusd_epi32(ib[t], hi, _mm512_set1_epi32(load4(xq + t * K + k + 4)));
           }
         }
         for (int t = 0; t < T; ++t) ib[t] = _mm512_srai_epi32(ib[t], 4);
@@ -107,13 +108,13 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
       for (int t = 0; t < T; ++t) ia[t] = _mm512_add_epi32(ia[t], ib[t]);
       for (int t = 0; t < T; ++t) {
         // exact zero correction in int32 when the zero point is one constant
-        const __m512i d = w.z ? ia[t] : _mm512_sub_epi32(ia[t], _mm512_set1_epi32(zeff * bsum[t][b]));
-        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_set1_ps(bs[t][b])), acc[t]);
+        const __m512i d = w.z ? ia[t] : _mm512_sub_epi32(ia[t], _mm512_set1_epi32(zeff * bsum[t * nbk + b]));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_set1_ps(bs[t * nbk + b])), acc[t]);
       }
     }
     if (w.z) {  // - (zero + offset) * s * X_g
       const __m512 m = _mm512_mul_ps(zero_lanes(w, g), s);
-      for (int t = 0; t < T; ++t) acc[t] = _mm512_fnmadd_ps(m, _mm512_set1_ps(gs[t][g]), acc[t]);
+      for (int t = 0; t < T; ++t) acc[t] = _mm512_fnmadd_ps(m, _mm512_set1_ps(gs[t * ng + g]), acc[t]);
     }
   }
   for (int t = 0; t < T; ++t) _mm512_storeu_ps(c + t * kPanel, acc[t]);
