@@ -1,4 +1,5 @@
 // Packing of linear weights into the layouts of packed.h.
+#include <cstring>
 #include <type_traits>
 
 #include "cpu/cpu_types.h"
@@ -7,34 +8,42 @@
 namespace slf::cpu {
 namespace {
 
+// NOTE: both packers walk k in the outer loop and the panel's features in the inner one, so that each panel is
+// written sequentially (16 row streams read, one written): feature-major loops scattered 2-byte writes over the
+// whole 64 KB panel and packed a 1.6B at ~0.26 GB/s (11 s of its 16 s load).
+
 // One matrix of n rows (src row stride ld) into dst, panels layout.
 template <typename scalar_t>
 void pack_panels(const scalar_t* src, int64_t ld, int64_t n, int64_t K, scalar_t* dst) {
   const int64_t n_full = n / kPanel, tail = n % kPanel;
   at::parallel_for(0, n_full + (tail > 0), 1, [&](int64_t p0, int64_t p1) {
+    const scalar_t* rows[kPanel];
+    int64_t slots[kPanel];
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t width = p < n_full ? kPanel : tail;
-      scalar_t* d = dst + p * K * kPanel;
       for (int64_t f = 0; f < width; ++f) {
-        const scalar_t* row = src + (p * kPanel + f) * ld;
-        const int64_t slot = p < n_full ? panel_slot<scalar_t>(f) : f;
-        for (int64_t k = 0; k < K; ++k) d[k * width + slot] = row[k];
+        rows[f] = src + (p * kPanel + f) * ld;
+        slots[f] = p < n_full ? panel_slot<scalar_t>(f) : f;
       }
+      scalar_t* d = dst + p * K * kPanel;
+      for (int64_t k = 0; k < K; ++k, d += width)
+        for (int64_t f = 0; f < width; ++f) d[slots[f]] = rows[f][k];
     }
   });
 }
 
-// One matrix of n rows into dst, vnni layout (K even).
+// One matrix of n rows into dst, vnni layout (K even): per k pair, the 16 features' (k, k + 1) bf16 pairs as 32-bit
+// words.
 void pack_vnni(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t K, c10::BFloat16* dst) {
   const int64_t n_full = n / kPanel, tail = n % kPanel;
   at::parallel_for(0, n_full + (tail > 0), 1, [&](int64_t p0, int64_t p1) {
+    const c10::BFloat16* rows[kPanel];
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t width = p < n_full ? kPanel : tail;
+      for (int64_t f = 0; f < width; ++f) rows[f] = src + (p * kPanel + f) * ld;
       c10::BFloat16* d = dst + p * K * kPanel;
-      for (int64_t f = 0; f < width; ++f) {
-        const c10::BFloat16* row = src + (p * kPanel + f) * ld;
-        for (int64_t k = 0; k < K; ++k) d[(k / 2) * width * 2 + f * 2 + k % 2] = row[k];
-      }
+      for (int64_t k = 0; k < K; k += 2, d += 2 * width)
+        for (int64_t f = 0; f < width; ++f) std::memcpy(d + 2 * f, rows[f] + k, 2 * sizeof(c10::BFloat16));
     }
   });
 }
