@@ -93,6 +93,8 @@ def test_packed_weights_equal_and_in_weight_memory(monkeypatch):
         assert torch.equal(bf16, plain_bf16)
         assert bf16.data_ptr() % (2 * MIB) == 0  # 2 MiB of bf16: huge-page memory
     assert cpu_memory.enabled()
+    monkeypatch.delenv("STABLELM_FAST_HUGE_PAGES")
+    assert not cpu_memory.enabled()  # opt-in (cpu_memory's docstring: page faults that compact memory at load)
 
 
 def _rss_bytes() -> int:
