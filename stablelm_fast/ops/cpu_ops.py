@@ -11,7 +11,7 @@ from __future__ import annotations
 import stablelm_fast._C  # noqa: F401  (registers torch.ops.stablelm_fast)
 from stablelm_fast.ops.cpu_linear import gate_up_silu, linear, pack_linear_weight  # noqa: F401
 from stablelm_fast.ops.cpu_quant import (  # noqa: F401
-    pack_quant_weight, quant_bits, quant_gate_up_silu, quant_linear)
+    pack_quant_weight, quant_bits, quant_gate_up_silu, quant_linear, quantize_weight)
 from stablelm_fast.ops.extension import (  # noqa: F401  (this backend's ops: the C++ kernels, wrapped)
     add_layernorm,
     layernorm,

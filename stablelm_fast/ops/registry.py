@@ -46,6 +46,9 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("pack_quant_weight", "pack_quant_weight(qweight, scales, zeros | None, bits, group_size, halves=False) -> "
           "(qweight, scales, zeros) in the backend's layout, read by quant_linear / quant_gate_up_silu",
           quant_reference.pack_quant_weight, cpp=False),
+    OpDef("quantize_weight", "quantize_weight(weight [N, K], bits, group_size, symmetric=True) -> (qweight, scales, "
+          "zeros | None) in the canonical form: round to nearest, scales on the fp16 grid (load-time quantization)",
+          quant_reference.quantize_weight, cpp=False),
     OpDef("quant_bits", "quant_bits() -> the weight bit widths (of 8, 6, 4) that this backend's quant_linear runs "
           "with its own kernels", quant_reference.quant_bits, cpp=False),
     OpDef("layernorm", "layernorm(x [T, H], weight [H], bias [H] | None, eps) -> [T, H]", reference.layernorm),

@@ -5,8 +5,8 @@ Every quantized layer holds its weight in the canonical form of ops/quant_refere
 along this rank's K) and `layer.x_perm` (GPTQ act-order: the input features' order the weight was permuted to; None
 otherwise). The layer then runs `ops.quant_linear` / `ops.quant_gate_up_silu` (never a backend's packed layout here).
 
-`QuantizedLinearMethod` quantizes a full-precision checkpoint at load (round to nearest, quant_reference.
-quantize_weight), one checkpoint tensor at a time as it arrives: no layer ever holds a full-precision copy of its
+`QuantizedLinearMethod` quantizes a full-precision checkpoint at load (round to nearest: the backend's
+`quantize_weight`, quant_reference's or the cpu backend's same in C++), one checkpoint tensor at a time as it arrives: no layer ever holds a full-precision copy of its
 weight (the lm_head, loaded whole by its vocab-parallel loader, is quantized right after loading).
 """
 
@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from stablelm_fast.ops.quant_reference import quantize_weight
 
 ROW_CHUNK = 4096  # output rows quantized at once (bounds the fp32 temporaries of a 12B's largest weight)
 
@@ -82,7 +81,7 @@ class QuantizedLinearMethod(QuantLinearMethodBase):
         """Quantize rows [offset, offset + len(w)) of the layer's weight into its canonical buffers."""
         dev = layer.w_scales.device
         for i in range(0, w.shape[0], ROW_CHUNK):
-            q, s, z = quantize_weight(w[i: i + ROW_CHUNK].to(dev), self.bits, layer.w_group, self.sym)
+            q, s, z = self.ops.quantize_weight(w[i: i + ROW_CHUNK].to(dev), self.bits, layer.w_group, self.sym)
             rows = slice(offset + i, offset + i + q.shape[0])
             layer.w_q[rows] = q
             layer.w_scales[rows] = s
