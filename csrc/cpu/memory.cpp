@@ -4,9 +4,9 @@
 // hypervisor; 2 MiB pages leave one every 2 MiB. Measured on a 2-core Zen 4 VM (KVM): an fp32 sum over 600 MiB
 // 28-30 -> 31-33 GB/s, the int4 / bf16 linear layers of 24 1.6B blocks ~3% faster (medians of 20 interleaved
 // sweeps). Only the 2 MiB-aligned whole pages inside the tensor become huge, so resident memory stays the
-// tensor's size (no page straddles its end). Opt-in (ops/cpu_memory.py, STABLELM_FAST_HUGE_PAGES=1): under THP's
-// default defrag ("madvise") the first touch of each advised page may compact memory synchronously, which made
-// loading the 1.6B in bf16 3.0 s -> 10-19 s on that VM, for ~3% of decode.
+// tensor's size (no page straddles its end). Later, alternated runs: 32 x 128 / 64 throughput of the 1.6B in bf16
+// 33.1-33.7 -> 37.6-40.9 tok/s. The cost is at load, on that VM: the first touch of each huge page (3 GiB 10.8-17.9 s
+// against 0.9 s in 4 KiB pages); STABLELM_FAST_HUGE_PAGES=0 (ops/cpu_memory.py) skips this memory.
 #include <sys/mman.h>
 #include <unistd.h>
 
