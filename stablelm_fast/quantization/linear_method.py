@@ -6,8 +6,9 @@ along this rank's K) and `layer.x_perm` (GPTQ act-order: the input features' ord
 otherwise). The layer then runs `ops.quant_linear` / `ops.quant_gate_up_silu` (never a backend's packed layout here).
 
 `QuantizedLinearMethod` quantizes a full-precision checkpoint at load (round to nearest: the backend's
-`quantize_weight`, quant_reference's or the cpu backend's same in C++), one checkpoint tensor at a time as it arrives: no layer ever holds a full-precision copy of its
-weight (the lm_head, loaded whole by its vocab-parallel loader, is quantized right after loading).
+`quantize_weight`, quant_reference's or the cpu backend's same in C++), one checkpoint tensor at a time as it
+arrives: no layer ever holds a full-precision copy of its weight (the lm_head, loaded whole by its vocab-parallel
+loader, is quantized right after loading).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 
 ROW_CHUNK = 4096  # output rows quantized at once (bounds the fp32 temporaries of a 12B's largest weight)
 
