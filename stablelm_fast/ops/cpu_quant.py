@@ -99,9 +99,7 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric:
     """quant_reference.quantize_weight (the canonical form), bit for bit, in one C++ pass over each group
     (csrc/cpu/quantize.cpp): the reference's ~10 fp32 passes took ~25 s of loading the 1.6B in int4."""
     n, k = weight.shape
-    qref.check_quant_args(bits, group_size, k)
-    if bits == 8 and not symmetric:
-        raise ValueError("asymmetric int8 is not supported: int8 is symmetric per channel or per group")
+    qref.check_quantize_args(bits, group_size, k, symmetric)
     if weight.device.type != "cpu" or weight.dtype not in _FLOATS or (bits == 4 and k % 2):
         return qref.quantize_weight(weight, bits, group_size, symmetric)
     qweight = torch.empty(n, k // 2 if bits == 4 else k, dtype=torch.int8 if bits == 8 else torch.uint8)

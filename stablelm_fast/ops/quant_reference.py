@@ -33,6 +33,13 @@ def check_quant_args(bits: int, group_size: int, k: int) -> None:
         raise ValueError(f"group_size must divide K = {k}; got {group_size}")
 
 
+def check_quantize_args(bits: int, group_size: int, k: int, symmetric: bool) -> None:
+    """What every quantize_weight implementation accepts (ValueError otherwise)."""
+    check_quant_args(bits, group_size, k)
+    if bits == 8 and not symmetric:
+        raise ValueError("asymmetric int8 is not supported: int8 is symmetric per channel or per group")
+
+
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K / 2] -> uint8 [N, K] (low nibble first)."""
     return torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
@@ -76,9 +83,7 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric:
     Asymmetric (int6 / int4): scale = (max - min) / (2^bits - 1) over each group (the range widened to hold 0),
     zero = round(-min / scale), zeros returned (uint8)."""
     n, k = weight.shape
-    check_quant_args(bits, group_size, k)
-    if bits == 8 and not symmetric:
-        raise ValueError("asymmetric int8 is not supported: int8 is symmetric per channel or per group")
+    check_quantize_args(bits, group_size, k, symmetric)
     w = weight.float().view(n, k // group_size, group_size)
     if symmetric:
         qmax = (1 << (bits - 1)) - 1
