@@ -12,6 +12,7 @@
 //     for each 6-token group of x (from L3 for large M, reused by the block's panels)
 //       for each panel of the block: micro-kernel over K, epilogue straight to out (bias / silu(gate) * up)
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -32,6 +33,7 @@ constexpr int64_t kWidenMinM = 48;
 // Columns of K per pass over the widened panels (64 KB per panel in fp32): the 1.6B down projection (K = 5632)
 // ran 7-18% slower than the row-major GEMM in one pass, its panel (360 KB) and token group (135 KB) filling L2.
 constexpr int64_t kKChunk = 2048;
+constexpr int kStreams = 4;  // panels read side by side at M = 1 (micro_streams)
 
 // One panel row (16 weights at one k) as fp32: lo = features 0-7, hi = features 8-15.
 SLF_AVX2 inline void load_row(const float* w, __m256& lo, __m256& hi) {
@@ -104,6 +106,42 @@ SLF_AVX2 void micro(const w_t* w, const float* xg, int64_t K, float* c, bool acc
   }
   SLF_OUT(0) SLF_OUT(1) SLF_OUT(2) SLF_OUT(3) SLF_OUT(4) SLF_OUT(5)
 #undef SLF_OUT
+}
+
+// M = 1: c[q * 16 + j] = sum_k x[k] * w_q[k][j] for the NP panels w[q], read side by side (NP streams of W in
+// flight). NOTE: one panel at a time (micro<w_t, 1>, one stream) read ~20 GB/s of bf16 weights in a decode step on
+// 2 Zen 4 cores in AVX2 mode, half of what the AVX-512 kernel's four streams read; in L2 it ran ~11 B of W a cycle.
+// No software prefetch here: with four streams the hardware prefetchers keep up (as in vnni_gemm.cpp).
+template <typename w_t, int NP>
+SLF_AVX2 void micro_streams(const w_t* const* w, const float* x, int64_t x_stride, int64_t K, float* c) {
+  __m256 lo_acc[NP], hi_acc[NP];
+#pragma GCC unroll 4
+  for (int q = 0; q < NP; ++q) lo_acc[q] = hi_acc[q] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 xv = _mm256_broadcast_ss(x + k * x_stride);
+#pragma GCC unroll 4
+    for (int q = 0; q < NP; ++q) {
+      __m256 lo, hi;
+      load_row(w[q] + k * kPanel, lo, hi);
+      lo_acc[q] = _mm256_fmadd_ps(lo, xv, lo_acc[q]);
+      hi_acc[q] = _mm256_fmadd_ps(hi, xv, hi_acc[q]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int q = 0; q < NP; ++q) {
+    _mm256_storeu_ps(c + q * kPanel, lo_acc[q]);
+    _mm256_storeu_ps(c + q * kPanel + 8, hi_acc[q]);
+  }
+}
+
+template <typename w_t>
+SLF_AVX2 void micro_streams_n(int np, const w_t* const* w, const float* x, int64_t x_stride, int64_t K, float* c) {
+  switch (np) {
+    case 4: return micro_streams<w_t, 4>(w, x, x_stride, K, c);
+    case 3: return micro_streams<w_t, 3>(w, x, x_stride, K, c);
+    case 2: return micro_streams<w_t, 2>(w, x, x_stride, K, c);
+    default: return micro_streams<w_t, 1>(w, x, x_stride, K, c);
+  }
 }
 
 template <typename w_t>
@@ -181,6 +219,24 @@ void run(const scalar_t* x, int64_t ldx, int64_t M, int64_t K, const scalar_t* p
       }
     }
   };
+  if (M == 1) {  // decode: chunks of four panels (gate_up: two of Wg and the same two of Wu), claimed in turn
+    const int per_chunk = gate_up ? kStreams / 2 : kStreams;
+    const int64_t n_chunks = (n_fp + per_chunk - 1) / per_chunk;
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_chunks), 1, [&](int64_t, int64_t) {
+      alignas(32) float c[kStreams * kPanel];
+      const scalar_t* w[kStreams];
+      for (int64_t ch = next.fetch_add(1); ch < n_chunks; ch = next.fetch_add(1)) {
+        const int64_t p0 = ch * per_chunk;
+        const int np_out = static_cast<int>(std::min<int64_t>(per_chunk, n_fp - p0));
+        for (int64_t m = 0; m < n_mats; ++m)
+          for (int q = 0; q < np_out; ++q) w[m * np_out + q] = panel(m, p0 + q);
+        micro_streams_n<scalar_t>(np_out * static_cast<int>(n_mats), w, xp, kTok, K, c);
+        for (int q = 0; q < np_out; ++q) emit(0, 1, p0 + q, c + q * kPanel, c + (np_out + q) * kPanel);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, n_fp, 1, [&](int64_t p0, int64_t p1) {
     const int64_t tile = kTok * kPanel;
     std::unique_ptr<float[]> cbuf(new float[(kc < K ? n_groups * per_block : 1) * n_mats * tile]);
