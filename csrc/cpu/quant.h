@@ -88,6 +88,8 @@ void micro_fp32_avx512(const Panel& w, const Act& x, int64_t t0, int64_t T, floa
 void micro_vnni4(const Panel* w, const Act& x, int64_t t0, float* c);
 // AVX2: int8 activations, vpmaddubsw (T <= 2; signed int8 layout).
 void micro_avx2(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c);
+// AVX2, one token (decode): four panels at once, c: [4][16].
+void micro_avx2_4(const Panel* w, const Act& x, int64_t t0, float* c);
 // Portable: fp32 dequantization, any T.
 void micro_scalar(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c);
 constexpr int64_t kVnniT = 4, kAvx2T = 2, kScalarT = 4;

@@ -11,7 +11,8 @@
 // STABLELM_FAST_QGEMM=int|fp32|bf16 forces one AVX-512 kernel at every M (the bench and the tests use it; fp32 is
 // the in-register dequantization to fp32 FMAs of quant_vnni.cpp).
 // Threads own disjoint ranges of output panels (gate_up: a panel of Wg and the same panel of Wu). At M = 1 the
-// vnni kernel takes four panels at a time (micro_vnni4: four streams of W; measured ~1.2x one panel for int8).
+// vnni and avx2 kernels take four panels at a time (micro_vnni4 / micro_avx2_4: four streams of W; measured ~1.2x
+// one panel for int8 on VNNI).
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
@@ -188,7 +189,7 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
                                             : &micro_scalar;
     const int64_t tmax = kernel == Kernel::kAvx2 ? kAvx2T : kernel == Kernel::kScalar ? kScalarT : kVnniT;
     // NOTE: units of panels claimed from a shared counter rather than split in halves up front (vnni_gemm.cpp)
-    const bool four = kernel == Kernel::kVnni && M == 1;
+    const bool four = (kernel == Kernel::kVnni || kernel == Kernel::kAvx2) && M == 1;
     const int64_t per_unit = four ? (gate_up ? 2 : 4) : 1, n_units = (n_panels + per_unit - 1) / per_unit;
     // the epilogue: AVX-512 for bf16 x on VNNI machines (the scalar one cost ~10% of an int8 GEMM at M = 128, more
     // with gate_up's silu), else quant_gemm.h's
@@ -209,7 +210,7 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
         for (; p + step <= p1; p += step) {
           Panel ws[4];
           for (int i = 0; i < 4; ++i) ws[i] = gate_up ? w.panel(i % 2, p + i / 2) : w.panel(0, p + i);
-          micro_vnni4(ws, act, 0, c4);
+          (kernel == Kernel::kVnni ? micro_vnni4 : micro_avx2_4)(ws, act, 0, c4);
           for (int64_t i = 0; i < step; ++i) {
             const int64_t pi = p + i;
             put(c4 + (gate_up ? 2 * i : i) * kPanel, gate_up ? c4 + (2 * i + 1) * kPanel : nullptr, kPanel, 1,
