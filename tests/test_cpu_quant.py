@@ -86,7 +86,7 @@ def _quantized_x(x: torch.Tensor, g: int, bits: int) -> tuple[torch.Tensor, torc
 
 @pytest.mark.parametrize("bits,group_size,symmetric", MODES)
 @pytest.mark.parametrize("m", [1, 3, 7, 83])
-@pytest.mark.parametrize("n", [40, 64])
+@pytest.mark.parametrize("n", [40, 64, 600])
 def test_int_kernels_exact_on_quantized_x(bits, group_size, symmetric, m, n):
     """fp32 x takes the int-activation kernels (vnni / avx2) at every M: equal to the reference run on x quantized
     the same way, to fp32 accumulation-order precision."""
@@ -105,6 +105,27 @@ def test_int_kernels_exact_on_quantized_x(bits, group_size, symmetric, m, n):
     w = qref.dequantize_weight(qw, s, z, bits, g)
     allowed = 2e-5 * (1 + expected.abs()) + tie @ w.abs().t()
     assert ((got - expected).abs() <= allowed).all(), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", MODES)
+def test_decode_streams_agree_with_the_batched_kernel(bits, group_size, symmetric):
+    """One token (decode) takes the four-stream kernels (micro_vnni4 / micro_avx2_4), each stream reading a run of
+    consecutive panels (quant_linear.cpp: ~64 KB of W); two tokens the per-panel kernel. Same int32 sums per block, so
+    the rows agree to fp32 rounding: linear with 38 panels (runs of 8, then one of 1, then single panels) and gate_up
+    with 21 panels a half (a tail of 5)."""
+    if LAYOUT == "scalar":
+        pytest.skip("the scalar kernel has no decode streams")
+    k = 384  # (as above: every group size of MODES divides it)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(5))
+    for n, halves in ((600, False), (2 * 325, True)):
+        qw, s, z, g = _weights(n, k, bits, group_size, symmetric, seed=n)
+        packed = cpu_quant.pack_quant_weight(qw, s, z, bits, g, halves=halves)
+        if halves:
+            one, two = (cpu_quant.quant_gate_up_silu(v, *packed, bits, g) for v in (x, x.repeat(2, 1)))
+        else:
+            one, two = (cpu_quant.quant_linear(v, *packed, None, bits, g) for v in (x, x.repeat(2, 1)))
+        assert one.shape == (1, n // 2 if halves else n)
+        assert torch.allclose(one[0], two[0], rtol=1e-5, atol=1e-6) and torch.equal(two[0], two[1])
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 32, False), (6, 32, True)])

@@ -131,7 +131,8 @@ SLF_AVX2 void avx2(const Panel& w, const Act& x, int64_t t0, float* c) {
 
 // One token (decode), NP panels side by side: NP streams of W in flight. NOTE: one panel at a time (avx2<1, BITS>,
 // one stream and a software prefetch) read int8 / int4 weights at 20 / 16 GB/s in a decode step on 2 Zen 4 cores in
-// AVX2 mode (66% / 54% of the measured bandwidth) while it ran 37 / 30 GB/s a core from L2. Scales are loaded per
+// AVX2 mode (66% / 54% of the measured bandwidth) while it ran 37 / 30 GB/s a core from L2. An L2 prefetch per 64
+// bytes of each stream (quant.h: kL2Ahead), as in quant_vnni.cpp's vnni4. Scales are loaded per
 // block (from L1) and the fp32 sums may live in memory: both are touched once per block of 32 k, and the int sums
 // keep the registers.
 template <int NP, int BITS>
@@ -161,6 +162,7 @@ SLF_AVX2 void avx2_streams(const Panel* w, const Act& x, int64_t t0, float* c) {
           const __m256i xb = _mm256_set1_epi32(load4(xq + k));
 #pragma GCC unroll 4
           for (int p = 0; p < NP; ++p) {
+            prefetch_l2(q[p]);
 #pragma GCC unroll 2
             for (int h = 0; h < 2; ++h) {
               const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[p] + 32 * h));
@@ -176,6 +178,7 @@ SLF_AVX2 void avx2_streams(const Panel* w, const Act& x, int64_t t0, float* c) {
           const __m256i x2 = _mm256_set1_epi32(load4(xq + k + 8)), x3 = _mm256_set1_epi32(load4(xq + k + 12));
 #pragma GCC unroll 4
           for (int p = 0; p < NP; ++p) {
+            for (int l = 0; l < 3; ++l) prefetch_l2(q[p] + 64 * l);
 #pragma GCC unroll 2
             for (int h = 0; h < 2; ++h) {
               __m256i u[4];
@@ -193,6 +196,7 @@ SLF_AVX2 void avx2_streams(const Panel* w, const Act& x, int64_t t0, float* c) {
           const __m256i x0 = _mm256_set1_epi32(load4(xq + k)), x1 = _mm256_set1_epi32(load4(xq + k + 4));
 #pragma GCC unroll 4
           for (int p = 0; p < NP; ++p) {
+            prefetch_l2(q[p]);
 #pragma GCC unroll 2
             for (int h = 0; h < 2; ++h) {
               const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[p] + 32 * h));

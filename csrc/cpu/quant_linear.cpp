@@ -190,7 +190,13 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
     const int64_t tmax = kernel == Kernel::kAvx2 ? kAvx2T : kernel == Kernel::kScalar ? kScalarT : kVnniT;
     // NOTE: units of panels claimed from a shared counter rather than split in halves up front (vnni_gemm.cpp)
     const bool four = (kernel == Kernel::kVnni || kernel == Kernel::kAvx2) && M == 1;
-    const int64_t per_unit = four ? (gate_up ? 2 : 4) : 1, n_units = (n_panels + per_unit - 1) / per_unit;
+    // decode: each of the four streams reads `run_len` consecutive panels (~64 KB of W) of a unit before the next
+    // unit is claimed. NOTE: units of four adjacent panels (16 KB streams for int4 at K = 2048) restart the
+    // prefetchers' streams every 64 KB: in the engine (int4, alternated in one process) 64 KB streams decoded
+    // 26.4 -> 27.5 tok/s on Zen 4 and 22.3 -> 24.7 in AVX2 mode.
+    constexpr int64_t kStreamBytes = 64 * 1024;
+    const int64_t run_len = four ? std::clamp<int64_t>(kStreamBytes / w.panel_bytes, 1, 8) : 1;
+    const int64_t per_unit = four ? (gate_up ? 2 : 4) * run_len : 1, n_units = (n_panels + per_unit - 1) / per_unit;
     // the epilogue: AVX-512 for bf16 x on VNNI machines (the scalar one cost ~10% of an int8 GEMM at M = 128, more
     // with gate_up's silu), else quant_gemm.h's
     auto put = [&](const float* c, const float* cu, int64_t ldc, int64_t T, int64_t width, const float* b,
@@ -204,19 +210,20 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
     std::atomic<int64_t> next{0};
     auto run_panels = [&](int64_t p, int64_t p1) {  // panels [p, p1)
       alignas(64) float c[kVnniT * kPanel], cu[kVnniT * kPanel];
-      if (four) {  // decode: four panels (gate_up: two of Wg, two of Wu) at a time
-        const int64_t step = per_unit;
+      if (four) {  // decode: four panels (gate_up: two of Wg, two of Wu) at a time, stream i at p + i * run
+        const int64_t ways = gate_up ? 2 : 4, run = (p1 - p) / ways;
         alignas(64) float c4[4 * kPanel];
-        for (; p + step <= p1; p += step) {
+        for (int64_t j = 0; j < run; ++j) {
           Panel ws[4];
-          for (int i = 0; i < 4; ++i) ws[i] = gate_up ? w.panel(i % 2, p + i / 2) : w.panel(0, p + i);
+          for (int i = 0; i < 4; ++i) ws[i] = gate_up ? w.panel(i % 2, p + (i / 2) * run + j) : w.panel(0, p + i * run + j);
           (kernel == Kernel::kVnni ? micro_vnni4 : micro_avx2_4)(ws, act, 0, c4);
-          for (int64_t i = 0; i < step; ++i) {
-            const int64_t pi = p + i;
+          for (int64_t i = 0; i < ways; ++i) {
+            const int64_t pi = p + i * run + j;
             put(c4 + (gate_up ? 2 * i : i) * kPanel, gate_up ? c4 + (2 * i + 1) * kPanel : nullptr, kPanel, 1,
                  w.width(pi), bp ? bp + pi * kPanel : nullptr, o + pi * kPanel, ldo);
           }
         }
+        p += ways * run;
       }
       for (; p < p1; ++p) {
         const Panel wg = w.panel(0, p);

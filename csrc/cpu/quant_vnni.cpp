@@ -9,8 +9,9 @@
 //                      row (4 features x 4 k) a widening to 16 int32, a conversion, an FMA with scale / zero, and
 //                      per token an FMA with x's 4 values broadcast; lanes are summed by 4 at the end.
 // The weights stream from DRAM once per panel, one sequential stream per thread.
-// NOTE: no software prefetch: 1-2 KB ahead measured ~10% slower than the hardware prefetchers alone on Zen 4
-// (int8 GEMV, one core, medians of interleaved runs on a loaded machine).
+// NOTE: no software prefetch in the one-panel kernels: 1-2 KB ahead into L1 measured ~10% slower than the hardware
+// prefetchers alone on Zen 4 (int8 GEMV, one core, medians of interleaved runs on a loaded machine). The decode
+// kernel (vnni4: four streams) prefetches into L2 instead (quant.h: kL2Ahead).
 // NOTE (micro_vnni): the scale and the zero correction once per group instead (a second fp32 accumulator per
 // token) measured 1.45x slower at M = 128 (int4 g128, 2048 x 6144): the per-block multiply costs less than the extra
 // live registers.
@@ -194,6 +195,7 @@ SLF_VNNI void vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
         for (int64_t r = 0; r < rows; ++r, k += 4) {
           const __m512i xb = _mm512_set1_epi32(load4(xq + k));
           for (int p = 0; p < NP; ++p) {
+            prefetch_l2(q[p]);
             ia[p] = _mm512_dpbusd_epi32(ia[p], _mm512_loadu_si512(q[p]), xb);
             q[p] += 64;
           }
@@ -204,6 +206,9 @@ SLF_VNNI void vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
           const __m512i x2 = _mm512_set1_epi32(load4(xq + k + 8)), x3 = _mm512_set1_epi32(load4(xq + k + 12));
           for (int p = 0; p < NP; ++p) {
             __m512i u[4];
+            prefetch_l2(q[p]);
+            prefetch_l2(q[p] + 64);
+            prefetch_l2(q[p] + 128);
             unpack6(q[p], u);
             q[p] += 192;
             ia[p] = _mm512_dpbusd_epi32(ia[p], u[0], x0);
@@ -219,6 +224,7 @@ SLF_VNNI void vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
           // NOTE: the high nibbles in place (16 x their value; ih = 16 x the sum, exact in int32: at most
           // 240 * 127 * 4 * 16 per lane and block): no shift per load, and two independent chains per panel
           for (int p = 0; p < NP; ++p) {
+            prefetch_l2(q[p]);
             const __m512i v = _mm512_loadu_si512(q[p]);
             q[p] += 64;
             ia[p] = _mm512_dpbusd_epi32(ia[p], _mm512_and_si512(v, low4), x0);
