@@ -110,8 +110,8 @@ def test_int_kernels_exact_on_quantized_x(bits, group_size, symmetric, m, n):
 @pytest.mark.parametrize("bits,group_size,symmetric", MODES)
 def test_decode_streams_agree_with_the_batched_kernel(bits, group_size, symmetric):
     """One token (decode) takes the four-stream kernels (micro_vnni4 / micro_avx2_4), each stream reading a run of
-    consecutive panels (quant_linear.cpp: ~64 KB of W); two tokens the per-panel kernel. Same int32 sums per block, so
-    the rows agree to fp32 rounding: linear with 38 panels (runs of 8, then one of 1, then single panels) and gate_up
+    consecutive panels (quant_linear.cpp: ~64 KB of W); two tokens the per-panel kernel on such runs; nine tokens
+    single-panel units. Same int32 sums per block, so the rows agree to fp32 rounding: linear with 38 panels (runs of 8, then one of 1, then single panels) and gate_up
     with 21 panels a half (a tail of 5)."""
     if LAYOUT == "scalar":
         pytest.skip("the scalar kernel has no decode streams")
@@ -121,11 +121,13 @@ def test_decode_streams_agree_with_the_batched_kernel(bits, group_size, symmetri
         qw, s, z, g = _weights(n, k, bits, group_size, symmetric, seed=n)
         packed = cpu_quant.pack_quant_weight(qw, s, z, bits, g, halves=halves)
         if halves:
-            one, two = (cpu_quant.quant_gate_up_silu(v, *packed, bits, g) for v in (x, x.repeat(2, 1)))
+            one, two, many = (cpu_quant.quant_gate_up_silu(x.repeat(m, 1), *packed, bits, g) for m in (1, 2, 9))
         else:
-            one, two = (cpu_quant.quant_linear(v, *packed, None, bits, g) for v in (x, x.repeat(2, 1)))
+            one, two, many = (cpu_quant.quant_linear(x.repeat(m, 1), *packed, None, bits, g) for m in (1, 2, 9))
         assert one.shape == (1, n // 2 if halves else n)
-        assert torch.allclose(one[0], two[0], rtol=1e-5, atol=1e-6) and torch.equal(two[0], two[1])
+        # 2 tokens: runs of consecutive panels per unit too (and the L2 prefetch); 9: single-panel units
+        assert torch.allclose(one[0], many[0], rtol=1e-5, atol=1e-6) and torch.equal(two[0], two[1])
+        assert torch.allclose(two[0], many[0], rtol=1e-5, atol=1e-6) and torch.equal(many[0], many[8])
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 32, False), (6, 32, True)])

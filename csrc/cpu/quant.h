@@ -60,6 +60,7 @@ struct Act {
   const float* gs = nullptr;   // [M][K / G]: X_g
   const float* f = nullptr;    // [M][K] fp32
   int64_t K = 0, B = 0, ng = 0;
+  bool stream = false;  // few tokens (M <= kVnniT): W streams from DRAM once; the kernels prefetch it into L2
   // token t's part of each of the above
   const int8_t* q_row(int64_t t) const { return q + t * K; }
   const float* bs_row(int64_t t) const { return bs + t * (K / B); }

@@ -190,13 +190,18 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
     const int64_t tmax = kernel == Kernel::kAvx2 ? kAvx2T : kernel == Kernel::kScalar ? kScalarT : kVnniT;
     // NOTE: units of panels claimed from a shared counter rather than split in halves up front (vnni_gemm.cpp)
     const bool four = (kernel == Kernel::kVnni || kernel == Kernel::kAvx2) && M == 1;
-    // decode: each of the four streams reads `run_len` consecutive panels (~64 KB of W) of a unit before the next
-    // unit is claimed. NOTE: units of four adjacent panels (16 KB streams for int4 at K = 2048) restart the
-    // prefetchers' streams every 64 KB: in the engine (int4, alternated in one process) 64 KB streams decoded
-    // 26.4 -> 27.5 tok/s on Zen 4 and 22.3 -> 24.7 in AVX2 mode.
+    // A few tokens (decode, small batches): W streams from DRAM once. Each stream then reads `run_len` consecutive
+    // panels (~64 KB of W) of a claimed unit (the four streams of `four`, or the one of the per-panel kernels), and
+    // the kernels prefetch it 4 KB ahead into L2 (act.stream; quant.h: kL2Ahead). NOTE: units of adjacent single
+    // panels (16 KB for int4 at K = 2048) restart the prefetchers' streams at every unit. Measured in the engine
+    // (1.6B shape, alternated in one process, tok/s): M = 1 int4 26.4 -> 27.5 with 64 KB runs, ~29.7 with the
+    // prefetch too (AVX2 mode 22.3 -> 24.7 -> 26-30); M = 2 int4 36.7 -> 52.1 (AVX2 mode 34.7 -> 38.2 -> 51.1), M = 4
+    // int4 62.8 -> 93.2, int8 49.4 -> 57.8. More tokens keep single-panel units (prefill reuses W from L2).
     constexpr int64_t kStreamBytes = 64 * 1024;
-    const int64_t run_len = four ? std::clamp<int64_t>(kStreamBytes / w.panel_bytes, 1, 8) : 1;
-    const int64_t per_unit = four ? (gate_up ? 2 : 4) * run_len : 1, n_units = (n_panels + per_unit - 1) / per_unit;
+    act.stream = M <= kVnniT;
+    const int64_t run_len = act.stream ? std::clamp<int64_t>(kStreamBytes / w.panel_bytes, 1, 8) : 1;
+    const int64_t per_unit = (four ? (gate_up ? 2 : 4) : 1) * run_len;
+    const int64_t n_units = (n_panels + per_unit - 1) / per_unit;
     // the epilogue: AVX-512 for bf16 x on VNNI machines (the scalar one cost ~10% of an int8 GEMM at M = 128, more
     // with gate_up's silu), else quant_gemm.h's
     auto put = [&](const float* c, const float* cu, int64_t ldc, int64_t T, int64_t width, const float* b,

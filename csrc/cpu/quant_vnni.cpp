@@ -56,6 +56,7 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   const __m512i low4 = _mm512_set1_epi8(0x0f), high4 = _mm512_set1_epi8(static_cast<char>(0xf0));
   const int zeff = w.zero + w.offset;  // without zero points
+  const bool stream = x.stream;
   int64_t k = 0, b = 0;
   for (int64_t g = 0; g < ng; ++g) {
     const __m512 s = scale_lanes(w, g);
@@ -68,6 +69,10 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
         int64_t r = 0;
 #pragma GCC unroll 4
         for (; r + 2 <= rows; r += 2, q += 128, k += 8) {
+          if (stream) {
+            prefetch_l2(q);
+            prefetch_l2(q + 64);
+          }
           const __m512i w0 = _mm512_loadu_si512(q), w1 = _mm512_loadu_si512(q + 64);
           for (int t = 0; t < T; ++t) {
             ia[t] = _mm512_dpbusd_epi32(ia[t], w0, _mm512_set1_epi32(load4(xq + t * K + k)));
@@ -84,6 +89,8 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
       } else if constexpr (BITS == 6) {  // 16 k (four quad rows of x) per step; B is a multiple of 16
 #pragma GCC unroll 2
         for (int64_t r = 0; r < rows; r += 4, q += 192, k += 16) {
+          if (stream)
+            for (int l = 0; l < 3; ++l) prefetch_l2(q + 64 * l);
           __m512i u[4];
           unpack6(q, u);
           for (int t = 0; t < T; ++t) {
@@ -97,6 +104,7 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
         // the high nibbles stay in place (16 x their value, no shift per load): ib = 16 x the sum, exactly
 #pragma GCC unroll 4
         for (int64_t r = 0; r < rows; r += 2, q += 64, k += 8) {
+          if (stream) prefetch_l2(q);
           const __m512i v = _mm512_loadu_si512(q);
           const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(v, high4);
           for (int t = 0; t < T; ++t) {
@@ -137,6 +145,7 @@ SLF_VNNI void vnni8_channel(const Panel& w, const Act& x, int64_t t0, float* c) 
   const int32_t* bsum = x.bsum_row(t0);
   const uint8_t* q = w.q;
   const int zeff = w.zero + w.offset;
+  const bool stream = x.stream;
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b, q += kRows * 64, xq += 32) {
@@ -147,6 +156,7 @@ SLF_VNNI void vnni8_channel(const Panel& w, const Act& x, int64_t t0, float* c) 
     }
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
+      if (stream) prefetch_l2(q + 64 * r);
       const __m512i wr = _mm512_loadu_si512(q + 64 * r);
       for (int t = 0; t < T; ++t) {
         const __m512i xb = _mm512_set1_epi32(load4(xq + t * K + 4 * r));
