@@ -17,14 +17,24 @@ namespace {
 
 constexpr int64_t kAhead = 1024;
 
-// The per-panel kernel's prefetch: a few tokens (stream: W from DRAM once) into L2 4 KB ahead, as the decode
-// kernels do; more tokens 1 KB ahead into L1.
-SLF_AVX2 inline void ahead(const uint8_t* q, bool stream) {
+// The per-panel kernel's prefetch of a step of `lines` 64-byte rows at q: a few tokens (stream: W from DRAM once)
+// into L2 4 KB ahead, every line, as the decode kernels do; more tokens one line 1 KB ahead into L1.
+SLF_AVX2 inline void ahead(const uint8_t* q, bool stream, int lines = 1) {
   if (stream) {
-    prefetch_l2(q);
+    for (int l = 0; l < lines; ++l) prefetch_l2(q + 64 * l);
   } else {
     _mm_prefetch(reinterpret_cast<const char*>(q + kAhead), _MM_HINT_T0);
   }
+}
+
+// Half h (features 8h .. 8h + 7) of group g's fp16 scales, and of its zero + offset, as fp32 lanes (quant512.h's
+// scale_lanes / zero_lanes on 8 lanes; zero8 for panels with zero points).
+SLF_AVX2 inline __m256 scale8(const Panel& w, int64_t g, int h) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.s + g * kPanel + 8 * h)));
+}
+SLF_AVX2 inline __m256 zero8(const Panel& w, int64_t g, int h) {
+  const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.z + g * kPanel + 8 * h));
+  return _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z8)), _mm256_set1_ps(float(w.offset)));
 }
 
 // int6: half h's four int8-style quad rows of 16 k from the three rows at q (nibble | two top bits at bits 4-5;
@@ -63,8 +73,7 @@ SLF_AVX2 void avx2(const Panel& w, const Act& x, int64_t t0, float* c) {
   const bool stream = x.stream;
   int64_t k = 0, b = 0;
   for (int64_t g = 0; g < ng; ++g) {
-    const __m256 s[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.s + g * kPanel))),
-                          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.s + g * kPanel + 8)))};
+    const __m256 s[2] = {scale8(w, g, 0), scale8(w, g, 1)};
     for (int64_t bi = 0; bi < nb; ++bi, ++b) {
       __m256i ia[T][2];
       if constexpr (BITS == 8) {
@@ -83,11 +92,7 @@ SLF_AVX2 void avx2(const Panel& w, const Act& x, int64_t t0, float* c) {
       } else if constexpr (BITS == 6) {  // 16 k per step (layout in quant.h); two maddubs per int16 sum
         for (int t = 0; t < T; ++t) ia[t][0] = ia[t][1] = _mm256_setzero_si256();
         for (int64_t r = 0; r < rows; r += 4, q += 192, k += 16) {
-          ahead(q, stream);
-          if (stream) {
-            prefetch_l2(q + 64);
-            prefetch_l2(q + 128);
-          }
+          ahead(q, stream, 3);
           for (int h = 0; h < 2; ++h) {
             __m256i u[4];
             unpack6_avx2(q + 32 * h, u);
@@ -131,9 +136,7 @@ SLF_AVX2 void avx2(const Panel& w, const Act& x, int64_t t0, float* c) {
     }
     if (w.z) {
       for (int h = 0; h < 2; ++h) {
-        const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.z + g * kPanel + 8 * h));
-        const __m256 zf = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z8)), _mm256_set1_ps(float(w.offset)));
-        const __m256 m = _mm256_mul_ps(zf, s[h]);
+        const __m256 m = _mm256_mul_ps(zero8(w, g, h), s[h]);
         for (int t = 0; t < T; ++t) acc[t][h] = _mm256_fnmadd_ps(m, _mm256_set1_ps(gs[t][g]), acc[t][h]);
       }
     }
@@ -193,7 +196,7 @@ SLF_AVX2 void avx2_streams(const Panel* w, const Act& x, int64_t t0, float* c) {
           const __m256i x2 = _mm256_set1_epi32(load4(xq + k + 8)), x3 = _mm256_set1_epi32(load4(xq + k + 12));
 #pragma GCC unroll 4
           for (int p = 0; p < NP; ++p) {
-            for (int l = 0; l < 3; ++l) prefetch_l2(q[p] + 64 * l);
+            ahead(q[p], true, 3);
 #pragma GCC unroll 2
             for (int h = 0; h < 2; ++h) {
               __m256i u[4];
@@ -231,19 +234,15 @@ SLF_AVX2 void avx2_streams(const Panel* w, const Act& x, int64_t t0, float* c) {
 #pragma GCC unroll 4
       for (int p = 0; p < NP; ++p)
         for (int h = 0; h < 2; ++h) {
-          const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[p].s + g * kPanel + 8 * h)));
           const __m256i d = w[p].z ? ia[p][h] : _mm256_sub_epi32(ia[p][h], corr);
-          acc[p][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s, sx), acc[p][h]);
+          acc[p][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(scale8(w[p], g, h), sx), acc[p][h]);
         }
     }
     if (w[0].z) {
       const __m256 xg = _mm256_set1_ps(gs[g]);
       for (int p = 0; p < NP; ++p)
         for (int h = 0; h < 2; ++h) {
-          const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[p].s + g * kPanel + 8 * h)));
-          const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w[p].z + g * kPanel + 8 * h));
-          const __m256 zf = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z8)), _mm256_set1_ps(float(w[p].offset)));
-          acc[p][h] = _mm256_fnmadd_ps(_mm256_mul_ps(zf, s), xg, acc[p][h]);
+          acc[p][h] = _mm256_fnmadd_ps(_mm256_mul_ps(zero8(w[p], g, h), scale8(w[p], g, h)), xg, acc[p][h]);
         }
     }
   }
