@@ -3,10 +3,10 @@
 // work into items: attention_tile.cpp runs them (AVX2 / AVX-512 GEMM tiles), or below AVX2 the scalar attention_item
 // here; decode (q_len = 1) is attention_decode.cpp's.
 #include <algorithm>
-#include <atomic>
 #include <vector>
 
 #include "cpu/attention_common.h"
+#include "cpu/parallel.h"
 #include "ops.h"
 
 namespace slf::cpu {
@@ -93,29 +93,26 @@ void paged_attention_impl(scalar_t* out,             // [T, Hq, D]
       for (int64_t kh = 0; kh < hkv; ++kh) items.push_back({(int32_t)b, (int32_t)kh, (int32_t)t0, (int32_t)t1, cost});
     }
   }
-  // NOTE: causal items differ in cost; hand them out longest first from a shared counter (dynamic scheduling)
-  // instead of at::parallel_for's static split of the range.
+  // NOTE: causal items differ in cost: claimed in turn (parallel.h), longest first.
   std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
-  std::atomic<int64_t> next{0};
-  const int64_t n_items = (int64_t)items.size();
   const bool avx2 = cpu_has_avx2(), avx512 = cpu_isa() >= Isa::kAvx512Bf16;
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_items), 1, [&](int64_t, int64_t) {
-    std::vector<float> qbuf(kMaxRows * head_dim), acc(kMaxRows * head_dim), scores(kMaxRows * kKeyTile);
-    std::vector<float> tile_ws(avx2 ? tile_workspace_floats(head_dim) : 0);
-    for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
+  if (avx2) {  // tiles of small GEMMs (attention_tile.cpp)
+    for_each_claimed(items.size(), [&, ws = std::vector<float>(tile_workspace_floats(head_dim))](int64_t i) mutable {
       const WorkItem& it = items[i];
       const int64_t b = it.seq, q_start = cu_seqlens[b], q_len = cu_seqlens[b + 1] - cu_seqlens[b];
-      if (avx2) {  // tiles of small GEMMs (attention_tile.cpp)
-        tile_attention_item<scalar_t>(avx512, it.t0, it.t1, it.kv_head, out, q, k_cache, v_cache,
-                                      block_tables + b * bt_stride, q_start, q_len, context_lens[b], g,
-                                      tile_ws.data());
-        continue;
-      }
-      attention_item<scalar_t>(it, out, q, k_cache, v_cache, block_tables + b * bt_stride, q_start, q_len,
-                               context_lens[b], group, head_dim, g.block_size, g.q_tok_stride, g.q_head_stride,
-                               g.out_tok_stride, g.out_head_stride, g.c_block_stride, g.c_tok_stride,
-                               g.c_head_stride, g.scale, qbuf, acc, scores);
-    }
+      tile_attention_item<scalar_t>(avx512, it.t0, it.t1, it.kv_head, out, q, k_cache, v_cache,
+                                    block_tables + b * bt_stride, q_start, q_len, context_lens[b], g, ws.data());
+    });
+    return;
+  }
+  const std::vector<float> rows(kMaxRows * head_dim), tile(kMaxRows * kKeyTile);
+  for_each_claimed(items.size(), [&, qbuf = rows, acc = rows, scores = tile](int64_t i) mutable {
+    const WorkItem& it = items[i];
+    const int64_t b = it.seq, q_start = cu_seqlens[b], q_len = cu_seqlens[b + 1] - cu_seqlens[b];
+    attention_item<scalar_t>(it, out, q, k_cache, v_cache, block_tables + b * bt_stride, q_start, q_len,
+                             context_lens[b], group, head_dim, g.block_size, g.q_tok_stride, g.q_head_stride,
+                             g.out_tok_stride, g.out_head_stride, g.c_block_stride, g.c_tok_stride, g.c_head_stride,
+                             g.scale, qbuf, acc, scores);
   });
 }
 

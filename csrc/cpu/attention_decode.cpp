@@ -1,10 +1,10 @@
 // Paged decode attention on CPU (one q token per sequence), with GQA: work items of whole cache rows, small batches'
 // contexts split in parts and merged (flash-decoding); AVX2 / scalar tiles here, whole AVX-512 items in
 // attention_decode512.cpp. Scores, softmax and the accumulator in fp32 (online softmax over tiles of kKeyTile keys).
-#include <atomic>
 #include <vector>
 
 #include "cpu/attention_common.h"
+#include "cpu/parallel.h"
 
 namespace slf::cpu {
 namespace {
@@ -217,44 +217,39 @@ void run_decode(scalar_t* out, const scalar_t* q, const scalar_t* k_cache, const
   static thread_local std::vector<float> partials_buf;
   partials_buf.resize(std::max(partials_buf.size(), static_cast<size_t>(n_parts) * kMaxRows * (head_dim + 2)));
   float* const partials = partials_buf.data();  // (the calling thread's: the workers see it through this pointer)
-  // NOTE: items differ in cost (context lengths); hand them out longest first from a shared counter
+  // NOTE: items differ in cost (context lengths): claimed in turn (parallel.h), longest first
   std::stable_sort(items.begin(), items.end(),
                    [](const DecodeItem& a, const DecodeItem& b) { return a.cost > b.cost; });
-  std::atomic<int64_t> next{0};
-  const int64_t n_items = (int64_t)items.size();
   const bool avx2 = cpu_has_avx2(), avx512 = cpu_isa() >= Isa::kAvx512Bf16;
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_items), 1, [&](int64_t, int64_t) {
-    if (avx512) {  // attention_decode512.cpp
+  if (avx512) {  // attention_decode512.cpp, a workspace per thread kept between calls
+    for_each_claimed(items.size(), [&](int64_t i) {
       static thread_local std::vector<float> ws_buf;
       ws_buf.resize(std::max<size_t>(ws_buf.size(), decode512_workspace_floats(head_dim) + 16));
       float* ws = ws_buf.data() + (16 - reinterpret_cast<uintptr_t>(ws_buf.data()) / 4 % 16) % 16;  // 64 B aligned
-      for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
-        const DecodeItem& it = items[i];
-        const int64_t h0 = it.kv_head * group;
-        const DecodeArgs<scalar_t> args{q + it.t0 * g.q_tok_stride + h0 * g.q_head_stride, k_cache, v_cache,
-                                        block_tables + it.seq * bt_stride, it.kv_head * g.c_head_stride,
-                                        it.kv_heads * group, it.k0, it.k1,
-                                        out + it.t0 * g.out_tok_stride + h0 * g.out_head_stride,
-                                        it.part >= 0 ? partials + it.part * kMaxRows * (head_dim + 2) : nullptr,
-                                        &g};
-        decode_item_avx512<scalar_t>(args, ws);
-      }
-      return;
-    }
-    std::vector<float> qbuf(kMaxRows * head_dim), acc(kMaxRows * head_dim), scores(kMaxRows * kKeyTile);
-    for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
+      const DecodeItem& it = items[i];
+      const int64_t h0 = it.kv_head * group;
+      const DecodeArgs<scalar_t> args{q + it.t0 * g.q_tok_stride + h0 * g.q_head_stride, k_cache, v_cache,
+                                      block_tables + it.seq * bt_stride, it.kv_head * g.c_head_stride,
+                                      it.kv_heads * group, it.k0, it.k1,
+                                      out + it.t0 * g.out_tok_stride + h0 * g.out_head_stride,
+                                      it.part >= 0 ? partials + it.part * kMaxRows * (head_dim + 2) : nullptr, &g};
+      decode_item_avx512<scalar_t>(args, ws);
+    });
+  } else {
+    const std::vector<float> rows(kMaxRows * head_dim), tile(kMaxRows * kKeyTile);
+    for_each_claimed(items.size(), [&, qbuf = rows, acc = rows, scores = tile](int64_t i) mutable {
       const DecodeItem& it = items[i];
       auto run = [&](auto avx2_tag) {
-        decode_item<scalar_t, decltype(avx2_tag)::value>(
-            it, out, q, k_cache, v_cache, block_tables + it.seq * bt_stride, g, qbuf, acc, scores,
-            partials);
+        decode_item<scalar_t, decltype(avx2_tag)::value>(it, out, q, k_cache, v_cache,
+                                                         block_tables + it.seq * bt_stride, g, qbuf, acc, scores,
+                                                         partials);
       };
       if (avx2)
         run(std::true_type{});
       else
         run(std::false_type{});
-    }
-  });
+    });
+  }
   for (size_t i = 0; i < split_items.size();) {
     size_t j = i + 1;
     while (j < split_items.size() && split_items[j].seq == split_items[i].seq &&

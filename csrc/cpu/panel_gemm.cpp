@@ -12,13 +12,13 @@
 //     for each 6-token group of x (from L3 for large M, reused by the block's panels)
 //       for each panel of the block: micro-kernel over K, epilogue straight to out (bias / silu(gate) * up)
 #include <algorithm>
-#include <atomic>
 #include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_types.h"
 #include "cpu/packed.h"
+#include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 
 namespace slf::cpu {
@@ -222,19 +222,15 @@ void run(const scalar_t* x, int64_t ldx, int64_t M, int64_t K, const scalar_t* p
   };
   if (M == 1) {  // decode: chunks of four panels (gate_up: two of Wg and the same two of Wu), claimed in turn
     const int per_chunk = gate_up ? kStreams / 2 : kStreams;
-    const int64_t n_chunks = (n_fp + per_chunk - 1) / per_chunk;
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_chunks), 1, [&](int64_t, int64_t) {
+    for_each_claimed((n_fp + per_chunk - 1) / per_chunk, [&](int64_t ch) {
       alignas(32) float c[kStreams * kPanel];
       const scalar_t* w[kStreams];
-      for (int64_t ch = next.fetch_add(1); ch < n_chunks; ch = next.fetch_add(1)) {
-        const int64_t p0 = ch * per_chunk;
-        const int np_out = static_cast<int>(std::min<int64_t>(per_chunk, n_fp - p0));
-        for (int64_t m = 0; m < n_mats; ++m)
-          for (int q = 0; q < np_out; ++q) w[m * np_out + q] = panel(m, p0 + q);
-        micro_streams_n<scalar_t>(np_out * static_cast<int>(n_mats), w, xp, kTok, K, c);
-        for (int q = 0; q < np_out; ++q) emit(0, 1, p0 + q, c + q * kPanel, c + (np_out + q) * kPanel);
-      }
+      const int64_t p0 = ch * per_chunk;
+      const int np_out = static_cast<int>(std::min<int64_t>(per_chunk, n_fp - p0));
+      for (int64_t m = 0; m < n_mats; ++m)
+        for (int q = 0; q < np_out; ++q) w[m * np_out + q] = panel(m, p0 + q);
+      micro_streams_n<scalar_t>(np_out * static_cast<int>(n_mats), w, xp, kTok, K, c);
+      for (int q = 0; q < np_out; ++q) emit(0, 1, p0 + q, c + q * kPanel, c + (np_out + q) * kPanel);
     });
     return;
   }

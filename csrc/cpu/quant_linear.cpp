@@ -14,10 +14,10 @@
 // vnni and avx2 kernels take four panels at a time (micro_vnni4 / micro_avx2_4: four streams of W; measured ~1.2x
 // one panel for int8 on VNNI).
 #include <algorithm>
-#include <atomic>
 #include <type_traits>
 #include <vector>
 
+#include "cpu/parallel.h"
 #include "cpu/quant_gemm.h"
 #include "ops.h"
 
@@ -188,7 +188,7 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
                   : kernel == Kernel::kAvx2 ? &micro_avx2
                                             : &micro_scalar;
     const int64_t tmax = kernel == Kernel::kAvx2 ? kAvx2T : kernel == Kernel::kScalar ? kScalarT : kVnniT;
-    // NOTE: units of panels claimed from a shared counter rather than split in halves up front (vnni_gemm.cpp)
+    // NOTE: units of panels claimed in turn (parallel.h: for_each_claimed)
     const bool four = (kernel == Kernel::kVnni || kernel == Kernel::kAvx2) && M == 1;
     // A few tokens (decode, small batches): W streams from DRAM once. Each stream then reads `run_len` consecutive
     // panels (~64 KB of W) of a claimed unit (the four streams of `four`, or the one of the per-panel kernels), and
@@ -212,7 +212,6 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
       }
       emit(c, cu, ldc, T, width, b, dst, ld);
     };
-    std::atomic<int64_t> next{0};
     auto run_panels = [&](int64_t p, int64_t p1) {  // panels [p, p1)
       alignas(64) float c[kVnniT * kPanel], cu[kVnniT * kPanel];
       if (four) {  // decode: four panels (gate_up: two of Wg, two of Wu) at a time, stream i at p + i * run
@@ -243,10 +242,7 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
         }
       }
     };
-    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_units), 1, [&](int64_t, int64_t) {
-      for (int64_t u = next.fetch_add(1); u < n_units; u = next.fetch_add(1))
-        run_panels(u * per_unit, std::min(n_panels, (u + 1) * per_unit));
-    });
+    for_each_claimed(n_units, [&](int64_t u) { run_panels(u * per_unit, std::min(n_panels, (u + 1) * per_unit)); });
   });
 }
 

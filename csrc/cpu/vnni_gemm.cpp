@@ -10,13 +10,13 @@
 //     for each group of 6 tokens: micro-kernel over K, epilogue straight to out (bias / silu(gate) * up, bf16)
 // At M <= 6 there is one group: the weights stream from DRAM once, four panels at a time.
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <memory>
 #include <vector>
 
 #include "cpu/cpu_types.h"
 #include "cpu/packed.h"
+#include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 
 #define SLF_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
@@ -115,30 +115,25 @@ SLF_AVX512BF16 void run(const bf16* x, int64_t ldx, int64_t M, int64_t K, const 
   };
   // A chunk: per_chunk output panels (gate_up: the same panels of Wg and Wu).
   const int per_chunk = gate_up ? kMaxPanels / 2 : kMaxPanels;
-  const int64_t n_chunks = (n_panels + per_chunk - 1) / per_chunk;
-  // NOTE: chunks claimed from a shared counter, not split in halves up front: on a shared machine one thread is
-  // often held up for a while, and with a static split the other then waits at the end of every GEMM.
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_chunks), 1, [&](int64_t, int64_t) {
+  // (chunks claimed in turn: parallel.h)
+  for_each_claimed((n_panels + per_chunk - 1) / per_chunk, [&](int64_t ch) {
     alignas(64) float c[kTok * kMaxPanels * kPanel];
     const uint32_t* w[kMaxPanels];
-    for (int64_t ch = next.fetch_add(1); ch < n_chunks; ch = next.fetch_add(1)) {
-      const int64_t p0 = ch * per_chunk;
-      const int np_out = static_cast<int>(std::min<int64_t>(per_chunk, n_panels - p0));
-      for (int q = 0; q < np_out; ++q)
-        for (int64_t m = 0; m < n_mats; ++m) w[m * np_out + q] = panel(m, p0 + q);
-      const int np = np_out * static_cast<int>(n_mats);
-      for (int64_t t0 = 0; t0 < M; t0 += kTok) {
-        const int64_t T = std::min(kTok, M - t0);
-        micro_for(T, np)(w, x + t0 * ldx, ldx, kh, c);
-        for (int64_t t = 0; t < T; ++t)
-          for (int q = 0; q < np_out; ++q) {
-            const int64_t p = p0 + q, width = p < n_full ? kPanel : tail;
-            const float* ct = c + (t * kMaxPanels + q) * kPanel;
-            emit(ct, gate_up ? ct + np_out * kPanel : nullptr, bias ? bias + p * kPanel : nullptr, width,
-                 out + (t0 + t) * ldo + p * kPanel);
-          }
-      }
+    const int64_t p0 = ch * per_chunk;
+    const int np_out = static_cast<int>(std::min<int64_t>(per_chunk, n_panels - p0));
+    for (int q = 0; q < np_out; ++q)
+      for (int64_t m = 0; m < n_mats; ++m) w[m * np_out + q] = panel(m, p0 + q);
+    const int np = np_out * static_cast<int>(n_mats);
+    for (int64_t t0 = 0; t0 < M; t0 += kTok) {
+      const int64_t T = std::min(kTok, M - t0);
+      micro_for(T, np)(w, x + t0 * ldx, ldx, kh, c);
+      for (int64_t t = 0; t < T; ++t)
+        for (int q = 0; q < np_out; ++q) {
+          const int64_t p = p0 + q, width = p < n_full ? kPanel : tail;
+          const float* ct = c + (t * kMaxPanels + q) * kPanel;
+          emit(ct, gate_up ? ct + np_out * kPanel : nullptr, bias ? bias + p * kPanel : nullptr, width,
+               out + (t0 + t) * ldo + p * kPanel);
+        }
     }
   });
 }
