@@ -111,8 +111,8 @@ def test_int_kernels_exact_on_quantized_x(bits, group_size, symmetric, m, n):
 def test_decode_streams_agree_with_the_batched_kernel(bits, group_size, symmetric):
     """One token (decode) takes the four-stream kernels (micro_vnni4 / micro_avx2_4), each stream reading a run of
     consecutive panels (quant_linear.cpp: ~64 KB of W); two tokens the per-panel kernel on such runs; nine tokens
-    single-panel units. Same int32 sums per block, so the rows agree to fp32 rounding: linear with 38 panels (runs of 8, then one of 1, then single panels) and gate_up
-    with 21 panels a half (a tail of 5)."""
+    single-panel units. Same int32 sums per block, so the rows agree to fp32 rounding: linear with 38 panels (runs
+    of 8, then one of 1, then single panels) and gate_up with 21 panels a half (a tail of 5)."""
     if LAYOUT == "scalar":
         pytest.skip("the scalar kernel has no decode streams")
     k = 384  # (as above: every group size of MODES divides it)

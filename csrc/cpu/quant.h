@@ -83,8 +83,11 @@ inline int32_t load4(const int8_t* p) {
 // read. NOTE: measured in the engine (1.6B shape, int4, Zen 4, 2 threads, alternated in one process): decode 26.4 /
 // 27.9 -> 29.6 / 30.6 tok/s (AVX-512), 24.7 -> 30.1 (AVX2 mode); 2 KB about the same, into L1 (1 KB) slower; no
 // change for bf16 weights, whose kernels do less work per byte and keep up with the hardware prefetchers alone.
+// prefetch_l2(p, lines): the `lines` 64-byte lines of one kernel step at p, that far ahead.
 constexpr int64_t kL2Ahead = 4096;
-inline void prefetch_l2(const uint8_t* p) { __builtin_prefetch(p + kL2Ahead, 0, 2); }
+inline void prefetch_l2(const uint8_t* p, int lines = 1) {
+  for (int l = 0; l < lines; ++l) __builtin_prefetch(p + 64 * l + kL2Ahead, 0, 2);
+}
 
 // c[t][0:16] = panel . x[t0 + t] for t < T, fp32. T <= the kernel's kMaxT.
 using Micro = void (*)(const Panel& w, const Act& x, int64_t t0, int64_t T, float* c);

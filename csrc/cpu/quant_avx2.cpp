@@ -21,7 +21,7 @@ constexpr int64_t kAhead = 1024;
 // into L2 4 KB ahead, every line, as the decode kernels do; more tokens one line 1 KB ahead into L1.
 SLF_AVX2 inline void ahead(const uint8_t* q, bool stream, int lines = 1) {
   if (stream) {
-    for (int l = 0; l < lines; ++l) prefetch_l2(q + 64 * l);
+    prefetch_l2(q, lines);
   } else {
     _mm_prefetch(reinterpret_cast<const char*>(q + kAhead), _MM_HINT_T0);
   }
@@ -196,7 +196,7 @@ SLF_AVX2 void avx2_streams(const Panel* w, const Act& x, int64_t t0, float* c) {
           const __m256i x2 = _mm256_set1_epi32(load4(xq + k + 8)), x3 = _mm256_set1_epi32(load4(xq + k + 12));
 #pragma GCC unroll 4
           for (int p = 0; p < NP; ++p) {
-            ahead(q[p], true, 3);
+            prefetch_l2(q[p], 3);
 #pragma GCC unroll 2
             for (int h = 0; h < 2; ++h) {
               __m256i u[4];

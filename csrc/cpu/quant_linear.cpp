@@ -188,7 +188,6 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
                   : kernel == Kernel::kAvx2 ? &micro_avx2
                                             : &micro_scalar;
     const int64_t tmax = kernel == Kernel::kAvx2 ? kAvx2T : kernel == Kernel::kScalar ? kScalarT : kVnniT;
-    // NOTE: units of panels claimed in turn (parallel.h: for_each_claimed)
     const bool four = (kernel == Kernel::kVnni || kernel == Kernel::kAvx2) && M == 1;
     // A few tokens (decode, small batches): W streams from DRAM once. Each stream then reads `run_len` consecutive
     // panels (~64 KB of W) of a claimed unit (the four streams of `four`, or the one of the per-panel kernels), and
@@ -242,6 +241,7 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
         }
       }
     };
+    // (units claimed in turn: parallel.h)
     for_each_claimed(n_units, [&](int64_t u) { run_panels(u * per_unit, std::min(n_panels, (u + 1) * per_unit)); });
   });
 }

@@ -69,10 +69,7 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
         int64_t r = 0;
 #pragma GCC unroll 4
         for (; r + 2 <= rows; r += 2, q += 128, k += 8) {
-          if (stream) {
-            prefetch_l2(q);
-            prefetch_l2(q + 64);
-          }
+          if (stream) prefetch_l2(q, 2);
           const __m512i w0 = _mm512_loadu_si512(q), w1 = _mm512_loadu_si512(q + 64);
           for (int t = 0; t < T; ++t) {
             ia[t] = _mm512_dpbusd_epi32(ia[t], w0, _mm512_set1_epi32(load4(xq + t * K + k)));
@@ -89,8 +86,7 @@ SLF_VNNI void vnni(const Panel& w, const Act& x, int64_t t0, float* c) {
       } else if constexpr (BITS == 6) {  // 16 k (four quad rows of x) per step; B is a multiple of 16
 #pragma GCC unroll 2
         for (int64_t r = 0; r < rows; r += 4, q += 192, k += 16) {
-          if (stream)
-            for (int l = 0; l < 3; ++l) prefetch_l2(q + 64 * l);
+          if (stream) prefetch_l2(q, 3);
           __m512i u[4];
           unpack6(q, u);
           for (int t = 0; t < T; ++t) {
@@ -216,9 +212,7 @@ SLF_VNNI void vnni4(const Panel* w, const Act& x, int64_t t0, float* c) {
           const __m512i x2 = _mm512_set1_epi32(load4(xq + k + 8)), x3 = _mm512_set1_epi32(load4(xq + k + 12));
           for (int p = 0; p < NP; ++p) {
             __m512i u[4];
-            prefetch_l2(q[p]);
-            prefetch_l2(q[p] + 64);
-            prefetch_l2(q[p] + 128);
+            prefetch_l2(q[p], 3);
             unpack6(q[p], u);
             q[p] += 192;
             ia[p] = _mm512_dpbusd_epi32(ia[p], u[0], x0);
