@@ -86,14 +86,15 @@ def test_pack_linear_weight_leaves_what_it_does_not_take():
         cpu_linear.pack_linear_weight(torch.randn(7, 4), halves=True)
 
 
-# Tokens: 1 (decode), 7 (a 6-token tile + a tail), 83 and 1031 (prefill, many tiles); K odd, tiny, and above 2048;
-# N a tail only, whole panels + a tail, several chunks of 4 panels.
+# Tokens: 1 (decode), 7 (a 6-token tile + a tail), 83 and 1031 (prefill, many tiles); K odd, tiny, above 2048, and a
+# multiple of 32 (the AMX tiles' k step: amx_gemm.cpp); N a tail only, whole panels + a tail, several chunks of 4
+# panels.
 MS = [1, 7, 83, 1031]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("k,n", [(2, 5), (37, 32), (300, 101), (4100, 19)])
+@pytest.mark.parametrize("k,n", [(2, 5), (37, 32), (300, 101), (4100, 19), (320, 101)])
 def test_linear(dtype, m, k, n):
     if m * k * n > 2e7 and dtype != torch.bfloat16:
         pytest.skip("large shapes run in bf16 only (test time); fp32 / fp16 cover the same code at smaller ones")
@@ -106,7 +107,7 @@ def test_linear(dtype, m, k, n):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("k,inter", [(2, 3), (64, 16), (300, 53)])
+@pytest.mark.parametrize("k,inter", [(2, 3), (64, 16), (300, 53), (320, 53)])
 def test_gate_up_silu(dtype, m, k, inter):
     x, w = torch.randn(m, k).to(dtype), (torch.randn(2 * inter, k) / k**0.5).to(dtype)
     got = cpu_linear.gate_up_silu(x, cpu_linear.pack_linear_weight(w, halves=True))
@@ -158,14 +159,22 @@ def test_cpu_ops_reexports_cpu_linear():
     assert cpu_ops.pack_linear_weight is cpu_linear.pack_linear_weight
 
 
-def test_amx():
-    """On AMX machines the process runs "amx" and its vnni-packed bf16 weights give the torch result."""
+@pytest.mark.parametrize("m", [5, 16, 17, 32, 83, 300])
+def test_amx(m):
+    """On AMX machines the process runs "amx": vnni-packed bf16 weights with K % 32 == 0 through the AMX tiles
+    (amx_gemm.cpp) above 4 tokens: one or two A tiles, a tail panel (paired with a full one in linear, N = 56; an
+    odd panel count is test_linear's N = 101), a last block of fewer than 32 tokens, several chunks of 256 tokens;
+    linear with bias and gate_up."""
     if ISA != "amx":
         pytest.skip(f"no AMX here (this process runs {ISA}; lscpu lists amx_tile / amx_bf16 where present)")
-    x, w = torch.randn(83, 256).bfloat16(), (torch.randn(48, 256) / 16).bfloat16()
+    x, w = torch.randn(m, 256).bfloat16(), (torch.randn(56, 256) / 16).bfloat16()
+    b = torch.randn(56).bfloat16()
     packed = cpu_linear.pack_linear_weight(w)
-    assert packed.shape == (48, 128, 2)
-    _rel_close(cpu_linear.linear(x, packed), F.linear(x.float(), w.float()), torch.bfloat16)
+    assert packed.shape == (56, 128, 2)
+    _rel_close(cpu_linear.linear(x, packed, b), F.linear(x.float(), w.float(), b.float()), torch.bfloat16)
+    wg = (torch.randn(2 * 40, 256) / 16).bfloat16()
+    got = cpu_linear.gate_up_silu(x, cpu_linear.pack_linear_weight(wg, halves=True))
+    _rel_close(got, ref.gate_up_silu(x.float(), wg.float()), torch.bfloat16)
 
 
 def test_brgemm_path():

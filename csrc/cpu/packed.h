@@ -49,6 +49,11 @@ constexpr int64_t kBrgemmMinM = 4;
 void emit_bf16_rows(const float* c, const float* cu, int64_t ldc, int64_t rows, const float* bias, int64_t width,
                     c10::BFloat16* out, int64_t ldo);
 bool use_brgemm(int64_t M);
+// AMX tiles written out (amx_gemm.cpp): K % 32 == 0. use_amx: on AMX CPUs above kBrgemmMinM tokens with K % 32 == 0,
+// unless STABLELM_FAST_AMX=0.
+void amx_gemm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed, const float* bias,
+              bool gate_up);
+bool use_amx(int64_t M, int64_t K);
 void scalar_gemm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed, const float* bias,
                  bool gate_up);
 
