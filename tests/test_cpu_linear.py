@@ -177,20 +177,6 @@ def test_amx(m):
     _rel_close(got, ref.gate_up_silu(x.float(), wg.float()), torch.bfloat16)
 
 
-def test_brgemm_path():
-    """Re-runs this file with STABLELM_FAST_BRGEMM=1: vnni weights through at::native::cpublas::brgemm
-    (csrc/cpu/brgemm_gemm.cpp; AMX machines take it above 4 tokens, oneDNN runs AVX512-BF16 code elsewhere)."""
-    if os.environ.get("STABLELM_FAST_ISA") or os.environ.get("STABLELM_FAST_BRGEMM"):
-        pytest.skip("already in a subprocess with a forced path")
-    if not VNNI:
-        pytest.skip(f"the brgemm path takes vnni-packed weights, which need AVX512-BF16 (this process runs {ISA})")
-    env = dict(os.environ, STABLELM_FAST_BRGEMM="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-           "-k", "not lower_isas and not brgemm_path"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-
-
 @pytest.mark.parametrize("isa", ISAS[:-1])
 def test_lower_isas(isa):
     """Re-runs this file in a subprocess with STABLELM_FAST_ISA=isa, for each ISA below the process's own."""
@@ -200,6 +186,6 @@ def test_lower_isas(isa):
         pytest.skip(f"{isa} is not below this process's ISA ({ISA}): the tests above ran it")
     env = dict(os.environ, STABLELM_FAST_ISA=isa)
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-           "-k", "not lower_isas and not brgemm_path"]
+           "-k", "not lower_isas"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

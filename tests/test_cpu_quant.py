@@ -1,7 +1,7 @@
 """The CPU int8 / int4 linear layers (ops/cpu_quant.py, csrc/cpu/quant_*.cpp): the packed layout, each kernel
 against the reference to float precision (the int-activation kernels against the reference on x quantized as they
-quantize it), the error bound the op tests use, opcheck, bad input; and each lower ISA, and brgemm forced, in a
-subprocess (test_other_paths)."""
+quantize it), the error bound the op tests use, opcheck, bad input; and each lower ISA in a subprocess
+(test_other_paths)."""
 
 from __future__ import annotations
 
@@ -141,9 +141,8 @@ def test_bf16_output_is_the_fp32_output_rounded(bits, group_size, symmetric, m):
         pytest.skip("the scalar kernel does not quantize x")
     if os.environ.get("STABLELM_FAST_QGEMM", "auto") not in ("auto", "int"):
         pytest.skip("a forced dequantizing kernel for bf16 x")
-    brgemm = os.environ.get("STABLELM_FAST_BRGEMM")
-    if brgemm == "1" or (ISA == "amx" and brgemm != "0" and m > 4):
-        pytest.skip("bf16 x takes dequantized bf16 blocks and brgemm here (test_op_quant_linear checks that path)")
+    if ISA == "amx" and os.environ.get("STABLELM_FAST_AMX") != "0" and m > 4:
+        pytest.skip("bf16 x takes dequantized bf16 blocks and AMX tiles here (test_op_quant_linear checks that path)")
     n, k = 37, 128
     qw, s, z, g = _weights(n, k, bits, group_size, symmetric, seed=7 * m)
     packed = cpu_quant.pack_quant_weight(qw, s, z, bits, g)
@@ -254,27 +253,20 @@ def test_opcheck():
                               (torch.empty(3, 12), x, pq, ps, pz, None, bits, g, True))
 
 
-@pytest.mark.parametrize("var,value", [("STABLELM_FAST_ISA", "scalar"), ("STABLELM_FAST_ISA", "avx2"),
-                                       ("STABLELM_FAST_BRGEMM", "1")], ids=["scalar", "avx2", "brgemm"])
-def test_other_paths(var, value):
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_other_paths(isa):
     """Re-runs this file in a subprocess with a lower ISA (STABLELM_FAST_ISA: the avx2 layout and kernel, the scalar
-    one), or this file and the cpu cases of tests/ops/test_op_quant_linear.py with STABLELM_FAST_BRGEMM=1 (bf16 x
-    through dequantized bf16 blocks and oneDNN's brgemm at every M: what AMX machines run above 4 tokens). The AVX-512
-    kernels auto does not pick run in-process above, through STABLELM_FAST_QGEMM."""
-    if os.environ.get("STABLELM_FAST_ISA") or os.environ.get("STABLELM_FAST_BRGEMM"):
-        pytest.skip("already in a subprocess with a forced path")
+    one). The AVX-512 kernels auto does not pick run in-process above, through STABLELM_FAST_QGEMM; the AMX tiles
+    (bf16 x above 4 tokens on AMX machines) in tests/ops/test_op_quant_linear.py."""
+    if os.environ.get("STABLELM_FAST_ISA"):
+        pytest.skip("already in a subprocess with a forced ISA")
     order = ["scalar", "avx2", "avx512bf16", "amx"]
-    if var == "STABLELM_FAST_ISA" and order.index(value) >= order.index(ISA):
-        pytest.skip(f"{value} is not below this process's ISA ({ISA}): the tests above ran it")
-    if var == "STABLELM_FAST_BRGEMM" and LAYOUT != "vnni":
-        pytest.skip(f"the brgemm path runs where the vnni layout does; this process packs for {LAYOUT}")
-    env = dict(os.environ, **{var: value})
+    if order.index(isa) >= order.index(ISA):
+        pytest.skip(f"{isa} is not below this process's ISA ({ISA}): the tests above ran it")
+    env = dict(os.environ, STABLELM_FAST_ISA=isa)
     env.pop("STABLELM_FAST_QGEMM", None)
     # NOTE: under a lower ISA the op test's cpu cases are re-run by tests/ops/test_op_lower_isas.py (on main).
-    files = [__file__]
-    if var == "STABLELM_FAST_BRGEMM":
-        files.append(os.path.join(HERE, "ops", "test_op_quant_linear.py"))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
            "-k", "cpu and not other_paths"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(HERE))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -5,8 +5,8 @@
 For each M and thread count, the four layer shapes of a StableLM-2-1.6B block together (N x K: qkv 6144x2048, o_proj
 2048x2048, gate_up 11264x2048, down 2048x5632), bf16 in and out; GFLOP/s of
     vnni    torch.ops.stablelm_fast.linear on vnni-packed weights (only where cpu_isa() has AVX512-BF16): the
-            vdpbf16ps kernel; with STABLELM_FAST_BRGEMM=1 at::native::cpublas::brgemm on the same weights (AMX
-            machines take brgemm above 4 tokens by default)
+            vdpbf16ps kernel; on AMX machines above 4 tokens the AMX tiles of amx_gemm.cpp (STABLELM_FAST_AMX=0:
+            vdpbf16ps there too)
     panels  the same op on panels-packed weights (the AVX2 kernel)
     torch   torch's bf16 F.linear (oneDNN; AMX / AVX512-BF16 where present)
     conv    bf16 weights converted to fp32 in 1024-row slices + torch's fp32 GEMM (cpu_linear's unpacked path)
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--threads", default=str(torch.get_num_threads()))
     args = p.parse_args()
     print(f"== CPU: {_util.cpu_model()}; ISA flags: {_util.cpu_flags()}; kernels run {cpu_linear.cpu_isa()}; "
-          f"STABLELM_FAST_BRGEMM={os.environ.get('STABLELM_FAST_BRGEMM', '')}")
+          f"STABLELM_FAST_AMX={os.environ.get('STABLELM_FAST_AMX', '')}")
     weights = [(torch.randn(n, k) / k**0.5).bfloat16() for n, k in SHAPES]
     layouts = ["panels"] + (["vnni"] if cpu_linear.cpu_isa() in ("avx512bf16", "amx") else [])
     packed = {lay: [pack(w, lay) for w in weights] for lay in layouts}

@@ -9,8 +9,7 @@
 // at K = 2048) stays in L2 while the workers pass every feature block over it, and each block's weights (64 KB a
 // panel at K = 2048) come from memory once per chunk and serve its tokens from L2.
 //
-// Used for M > kBrgemmMinM on AMX machines when K % 32 == 0 (use_amx); STABLELM_FAST_AMX=0 turns it off, and
-// STABLELM_FAST_BRGEMM=1 (forced brgemm) too: brgemm_gemm.cpp or vnni_gemm.cpp then, as use_brgemm says.
+// Used where amx::use(M, K) (amx.h): an AMX process, above 4 tokens, K % 32 == 0.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -19,6 +18,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/amx.h"
 #include "cpu/cpu_types.h"
 #include "cpu/packed.h"
 #include "cpu/parallel.h"
@@ -26,14 +26,11 @@
 #define SLF_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 
 namespace slf::cpu {
+namespace amx {
 namespace {
 
 using bf16 = c10::BFloat16;
-
-constexpr int64_t kTileK = 32;    // k per step: an A tile is 16 tokens x 32 bf16, a B tile 16 k pairs x 16 features
-constexpr int64_t kBlockM = 32;   // tokens per block (two A tiles, two C tiles high)
-constexpr int64_t kChunkM = 256;  // tokens per chunk (x kept in L2 while every feature block passes)
-constexpr int64_t kTile = 16 * kPanel;  // fp32 elements of a C tile
+constexpr int64_t kTile = 16 * 16;  // fp32 elements of a C tile
 
 // ldtilecfg's 64-byte operand: palette 1, every tile used here 16 rows x 64 bytes.
 struct alignas(64) TileConfig {
@@ -43,25 +40,9 @@ struct alignas(64) TileConfig {
 };
 constexpr TileConfig kConfig = {1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 
-// The tile configuration of one worker: loaded at its first block, released when the worker's copy of the body
-// (for_each_claimed) goes out of scope.
-struct Tiles {
-  bool loaded = false;
-  Tiles() = default;
-  Tiles(const Tiles&) : loaded(false) {}
-  SLF_AMX void load() {
-    if (!loaded) _tile_loadconfig(&kConfig);
-    loaded = true;
-  }
-  SLF_AMX ~Tiles() {
-    if (loaded) _tile_release();
-  }
-};
-
-// c0, c1 ([32][16] fp32 each) = a[16 kA tokens, K] (row stride lda) times the panels b0, b1 ([K/2][16][2]), kB of
-// them (kB = 1: b0 into c0 only). K % 32 == 0.
+// tmm0-3: C (token block i, panel j in tmm 2i + j); tmm4, 5: A (tokens 0-15, 16-31); tmm6, 7: B (b0, b1).
 template <int kA, int kB>
-SLF_AMX void block(const bf16* a, int64_t lda, const bf16* b0, const bf16* b1, int64_t K, float* c0, float* c1) {
+SLF_AMX void tiles(const bf16* a, int64_t lda, const bf16* b0, const bf16* b1, int64_t K, float* c0, float* c1) {
   const int64_t sa = lda * static_cast<int64_t>(sizeof(bf16));
   const bf16* a1 = a + 16 * lda;
   _tile_zero(0);
@@ -70,14 +51,14 @@ SLF_AMX void block(const bf16* a, int64_t lda, const bf16* b0, const bf16* b1, i
   if constexpr (kA == 2 && kB == 2) _tile_zero(3);
   for (int64_t k = 0; k < K; k += kTileK) {
     _tile_loadd(4, a + k, sa);
-    _tile_loadd(6, b0 + k * kPanel, 64);
+    _tile_loadd(6, b0 + k * 16, 64);
     _tile_dpbf16ps(0, 4, 6);
     if constexpr (kA == 2) {
       _tile_loadd(5, a1 + k, sa);
       _tile_dpbf16ps(2, 5, 6);
     }
     if constexpr (kB == 2) {
-      _tile_loadd(7, b1 + k * kPanel, 64);
+      _tile_loadd(7, b1 + k * 16, 64);
       _tile_dpbf16ps(1, 4, 7);
       if constexpr (kA == 2) _tile_dpbf16ps(3, 5, 7);
     }
@@ -88,17 +69,53 @@ SLF_AMX void block(const bf16* a, int64_t lda, const bf16* b0, const bf16* b1, i
   if constexpr (kA == 2 && kB == 2) _tile_stored(3, c1 + kTile, 64);
 }
 
-// block<kA, kB> for the tokens and panels at hand (rows <= 32).
-void any_block(int64_t rows, bool one, const bf16* a, int64_t lda, const bf16* b0, const bf16* b1, int64_t K,
-               float* c0, float* c1) {
+}  // namespace
+
+bool use(int64_t M, int64_t K) {
+  static const bool off = [] {
+    const char* s = std::getenv("STABLELM_FAST_AMX");
+    return s != nullptr && std::strcmp(s, "0") == 0;
+  }();
+  return !off && cpu_isa() == Isa::kAmx && K % kTileK == 0 && M > kMinM;
+}
+
+namespace {
+SLF_AMX void load_config() { _tile_loadconfig(&kConfig); }
+SLF_AMX void release() { _tile_release(); }
+}  // namespace
+
+void Tiles::load() {
+  if (!loaded_) load_config();
+  loaded_ = true;
+}
+
+Tiles::~Tiles() {
+  if (loaded_) release();
+}
+
+Rows::Rows(const bf16* x, int64_t ldx, int64_t M, int64_t K)
+    : x_(x), ldx_(ldx), K_(K), whole_(M / kBlockM * kBlockM), rest_(M > whole_ ? kBlockM * K : 0, bf16(0.f)) {
+  for (int64_t t = whole_; t < M; ++t) std::memcpy(rest_.data() + (t - whole_) * K, x + t * ldx, K * sizeof(bf16));
+  __asm__ volatile("" ::: "memory");  // the tile loads (asm without memory operands) must see rest_ written
+}
+
+void block(int64_t rows, const bf16* a, int64_t lda, const bf16* b0, const bf16* b1, int64_t K, float* c0,
+           float* c1) {
   if (rows > 16) {
-    if (one) block<2, 1>(a, lda, b0, b1, K, c0, c1);
-    else block<2, 2>(a, lda, b0, b1, K, c0, c1);
+    if (b1 == nullptr) tiles<2, 1>(a, lda, b0, b1, K, c0, c1);
+    else tiles<2, 2>(a, lda, b0, b1, K, c0, c1);
   } else {
-    if (one) block<1, 1>(a, lda, b0, b1, K, c0, c1);
-    else block<1, 2>(a, lda, b0, b1, K, c0, c1);
+    if (b1 == nullptr) tiles<1, 1>(a, lda, b0, b1, K, c0, c1);
+    else tiles<1, 2>(a, lda, b0, b1, K, c0, c1);
   }
 }
+
+}  // namespace amx
+
+namespace {
+
+using bf16 = c10::BFloat16;
+constexpr int64_t kChunkM = 256;  // tokens per chunk (x kept in L2 while every feature block passes)
 
 void run(const bf16* x, int64_t ldx, int64_t M, int64_t K, const bf16* packed, int64_t n_out, bool gate_up,
          const float* bias, bf16* out, int64_t ldo) {
@@ -114,17 +131,13 @@ void run(const bf16* x, int64_t ldx, int64_t M, int64_t K, const bf16* packed, i
   auto panel = [&](int64_t m, int64_t p) -> const bf16* {
     return p < n_full ? packed + m * n_out * K + p * elems : tail_buf.data() + m * elems;
   };
-  // The last block of fewer than 32 tokens, zero-padded (A tiles load 16 whole rows).
-  const int64_t m_whole = M / kBlockM * kBlockM, m_rest = M - m_whole;
-  std::vector<bf16> x_rest(m_rest > 0 ? kBlockM * K : 0, bf16(0.f));
-  for (int64_t t = 0; t < m_rest; ++t) std::memcpy(x_rest.data() + t * K, x + (m_whole + t) * ldx, K * sizeof(bf16));
-  __asm__ volatile("" ::: "memory");  // the tile loads (asm without memory operands) must see x_rest written
+  const amx::Rows rows_of_x(x, ldx, M, K);
 
   // Feature blocks: a gate_up layer's panel p (gate and up side by side), else panels 2j and 2j + 1.
   const int64_t n_blocks = gate_up ? n_panels : (n_panels + 1) / 2;
   const int64_t n_chunks = (M + kChunkM - 1) / kChunkM;
-  for_each_claimed(n_chunks * n_blocks, [&, tiles = Tiles()](int64_t item) mutable {
-    alignas(64) float c[2][kBlockM * kPanel];
+  for_each_claimed(n_chunks * n_blocks, [&, tiles = amx::Tiles()](int64_t item) mutable {
+    alignas(64) float c[2][amx::kBlockM * kPanel];
     tiles.load();
     const int64_t chunk = item / n_blocks, j = item % n_blocks;
     const int64_t p0 = gate_up ? j : 2 * j, p1 = gate_up ? j : 2 * j + 1;
@@ -132,11 +145,9 @@ void run(const bf16* x, int64_t ldx, int64_t M, int64_t K, const bf16* packed, i
     const bf16* b0 = panel(0, p0);
     const bf16* b1 = one ? nullptr : panel(gate_up ? 1 : 0, p1);
     const int64_t t_end = std::min(M, (chunk + 1) * kChunkM);
-    for (int64_t t0 = chunk * kChunkM; t0 < t_end; t0 += kBlockM) {
-      const bool whole = t0 < m_whole;
-      const bf16* a = whole ? x + t0 * ldx : x_rest.data();
-      const int64_t lda = whole ? ldx : K, rows = std::min(kBlockM, M - t0);
-      any_block(rows, one, a, lda, b0, b1, K, c[0], c[1]);
+    for (int64_t t0 = chunk * kChunkM; t0 < t_end; t0 += amx::kBlockM) {
+      const int64_t rows = std::min(amx::kBlockM, M - t0);
+      amx::block(rows, rows_of_x.at(t0), rows_of_x.ld(t0), b0, b1, K, c[0], c[1]);
       bf16* o = out + t0 * ldo;
       if (gate_up) {
         emit_bf16_rows(c[0], c[1], kPanel, rows, nullptr, p0 < n_full ? kPanel : tail, o + p0 * kPanel, ldo);
@@ -153,19 +164,10 @@ void run(const bf16* x, int64_t ldx, int64_t M, int64_t K, const bf16* packed, i
 
 }  // namespace
 
-bool use_amx(int64_t M, int64_t K) {
-  static const bool off = [] {  // STABLELM_FAST_AMX=0, or brgemm forced (STABLELM_FAST_BRGEMM=1)
-    const char* a = std::getenv("STABLELM_FAST_AMX");
-    const char* b = std::getenv("STABLELM_FAST_BRGEMM");
-    return (a != nullptr && std::strcmp(a, "0") == 0) || (b != nullptr && *b != '\0' && std::strcmp(b, "0") != 0);
-  }();
-  return !off && cpu_isa() == Isa::kAmx && K % kTileK == 0 && M > kBrgemmMinM;
-}
-
 void amx_gemm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed, const float* bias,
               bool gate_up) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "vnni-packed weights take bfloat16 x, got ", x.scalar_type());
-  TORCH_CHECK(x.size(1) % kTileK == 0, "the AMX GEMM takes K % 32 == 0, got K = ", x.size(1));
+  TORCH_CHECK(x.size(1) % amx::kTileK == 0, "the AMX GEMM takes K % 32 == 0, got K = ", x.size(1));
   run(reinterpret_cast<const bf16*>(x.data_ptr()), x.stride(0), x.size(0), x.size(1),
       reinterpret_cast<const bf16*>(packed.data_ptr()), out.size(1), gate_up, bias,
       reinterpret_cast<bf16*>(out.data_ptr()), out.stride(0));

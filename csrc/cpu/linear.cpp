@@ -1,5 +1,6 @@
 // The linear-layer ops on packed weights (packed.h): argument checks, then one dispatch on the weight's layout and
 // the process's ISA (isa.h). Row-major weights are the Python wrapper's business (ops/cpu_linear.py).
+#include "cpu/amx.h"
 #include "cpu/cpu_types.h"
 #include "cpu/packed.h"
 #include "ops.h"
@@ -33,8 +34,7 @@ void run_packed(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor&
     TORCH_CHECK(static_cast<int>(cpu_isa()) >= static_cast<int>(Isa::kAvx512Bf16),
                 "this weight was packed for avx512bf16 (vnni layout) but the process runs ", isa_name(cpu_isa()),
                 " (STABLELM_FAST_ISA / the CPU): pack weights in the process that uses them");
-    if (use_amx(x.size(0), x.size(1))) return amx_gemm(out, x, packed, bp, gate_up);
-    if (use_brgemm(x.size(0))) return brgemm_gemm(out, x, packed, bp, gate_up);
+    if (amx::use(x.size(0), x.size(1))) return amx_gemm(out, x, packed, bp, gate_up);
     return vnni_gemm(out, x, packed, bp, gate_up);
   }
   if (cpu_has_avx2()) return panel_gemm(out, x, packed, bp, gate_up);

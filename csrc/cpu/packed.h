@@ -1,5 +1,5 @@
 // Load-time packed linear weights: the layouts, the packing (csrc/cpu/pack.cpp) and the GEMMs that read them in
-// place (panel_gemm.cpp: AVX2, vnni_gemm.cpp: AVX512-BF16, brgemm_gemm.cpp: AMX, scalar_gemm.cpp: portable).
+// place (panel_gemm.cpp: AVX2, vnni_gemm.cpp: AVX512-BF16, amx_gemm.cpp: AMX, scalar_gemm.cpp: portable).
 //
 // A weight W[N, K] is cut into panels of 16 output features; the last panel holds the N % 16 left over (the tail).
 // The layout, and with it the ISA the weight was packed for, is told by the packed tensor's shape:
@@ -38,22 +38,13 @@ void panel_gemm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor&
                 bool gate_up);
 void vnni_gemm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed, const float* bias,
                bool gate_up);
-// AMX (or oneDNN's AVX512-BF16 kernel) through at::native::cpublas::brgemm on the vnni layout: brgemm_gemm.cpp.
-void brgemm_gemm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed, const float* bias,
-                 bool gate_up);
-// Whether vnni weights take brgemm_gemm at M tokens: on AMX CPUs above kBrgemmMinM (decode streams the weights
-// with vnni_gemm), or as STABLELM_FAST_BRGEMM=0/1 says.
-constexpr int64_t kBrgemmMinM = 4;
 // out[t][0:width] (bf16, row stride ldo) for t < rows from fp32 tiles c (and cu: out = silu(c) * cu, both rounded
-// to bf16 first) of row stride ldc, plus bias: the AVX512-BF16 epilogue of vnni_gemm, shared with brgemm_gemm.
+// to bf16 first) of row stride ldc, plus bias: the AVX512-BF16 epilogue of vnni_gemm, shared with amx_gemm.
 void emit_bf16_rows(const float* c, const float* cu, int64_t ldc, int64_t rows, const float* bias, int64_t width,
                     c10::BFloat16* out, int64_t ldo);
-bool use_brgemm(int64_t M);
-// AMX tiles written out (amx_gemm.cpp): K % 32 == 0. use_amx: on AMX CPUs above kBrgemmMinM tokens with K % 32 == 0,
-// unless STABLELM_FAST_AMX=0.
+// AMX tiles (amx_gemm.cpp, amx.h), where amx::use(M, K): above 4 tokens (decode streams the weights with vnni_gemm).
 void amx_gemm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed, const float* bias,
               bool gate_up);
-bool use_amx(int64_t M, int64_t K);
 void scalar_gemm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed, const float* bias,
                  bool gate_up);
 

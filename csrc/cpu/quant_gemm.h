@@ -68,8 +68,8 @@ inline void emit(const float* c, const float* cu, int64_t ldc, int64_t T, int64_
     }
 }
 
-// The bf16-block path (bf16 x, quant_bf16_gemm.cpp): every panel dequantized to bf16 once per call, then oneDNN's
-// brgemm (AMX machines above 4 tokens: use_brgemm) or vdpbf16ps (micro_bf16) over all M tokens.
+// The bf16-block path (bf16 x, quant_bf16_gemm.cpp): every panel dequantized to bf16 once per call, then AMX tiles
+// (amx::use: AMX machines above 4 tokens) or vdpbf16ps (micro_bf16) over all M tokens.
 void gemm_bf16_blocks(const PackedPanels& w, const c10::BFloat16* x, int64_t ldx, int64_t M, const float* bias,
                       c10::BFloat16* out, int64_t ldo, bool gate_up);
 

@@ -5,8 +5,7 @@
 //   int8 activations (quant_vnni.cpp: AVX512-VNNI; quant_avx2.cpp: AVX2): x quantized per block of B k (act_block:
 //        up to 128, dividing the group size) to int8, dot products in int32. Every M (see choose()).
 //   bf16 blocks (quant_bf16_gemm.cpp, bf16 x): each panel dequantized to bf16 once per call, then on AMX machines
-//        above 4 tokens oneDNN's brgemm (STABLELM_FAST_BRGEMM=1 forces it), else vdpbf16ps over every token group
-//        (STABLELM_FAST_QGEMM=bf16).
+//        above 4 tokens AMX tiles (amx.h), else vdpbf16ps over every token group (STABLELM_FAST_QGEMM=bf16).
 //   scalar (quant_scalar.cpp; STABLELM_FAST_ISA=scalar, CPUs without AVX2): fp32 dequantization, fp32 x.
 // STABLELM_FAST_QGEMM=int|fp32|bf16 forces one AVX-512 kernel at every M (the bench and the tests use it; fp32 is
 // the in-register dequantization to fp32 FMAs of quant_vnni.cpp).
@@ -17,13 +16,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/amx.h"
 #include "cpu/parallel.h"
 #include "cpu/quant_gemm.h"
 #include "ops.h"
-
-namespace slf::cpu {
-bool use_brgemm(int64_t M);  // packed.h (not included: its kPanel would clash with quant::kPanel here)
-}
 
 namespace slf::cpu::quant {
 namespace {
@@ -41,7 +37,7 @@ int forced_kernel() {  // -1: auto, else a Kernel
   TORCH_CHECK(false, "STABLELM_FAST_QGEMM must be auto, int, fp32 or bf16; got '", s, "'");
 }
 
-Kernel choose(int bits, bool vnni_layout, bool signed_layout, bool bf16_x, int64_t M) {
+Kernel choose(int bits, bool vnni_layout, bool signed_layout, bool bf16_x, int64_t M, int64_t K) {
   const Isa isa = cpu_isa();
   if (vnni_layout)
     TORCH_CHECK(has_vnni(), "this int", bits, " weight was packed for avx512 vnni but the process runs ", isa_name(isa),
@@ -56,9 +52,10 @@ Kernel choose(int bits, bool vnni_layout, bool signed_layout, bool bf16_x, int64
   }
   // NOTE: the int8-activation kernel at every M: vpdpbusd does twice the multiply-adds of vdpbf16ps, and on a Zen 4
   // core it measured 1.2-1.5x the dequantized-bf16-block GEMM (and our bf16 GEMM) at M = 32 and 128 too
-  // (bench/kernels/bench_quant_gemm.py). With AMX (use_brgemm: M > 4 on AMX machines), bf16 blocks through
-  // oneDNN's brgemm instead.
-  return bf16_x && use_brgemm(M) ? Kernel::kBf16 : Kernel::kVnni;
+  // (bench/kernels/bench_quant_gemm.py). With AMX (amx::use: M > 4, K % 32 == 0), bf16 blocks through AMX tiles
+  // instead: 1.2-1.6x oneDNN's brgemm on the same blocks and 1.1-2.6x the int8-activation kernel at M = 32 / 128
+  // (Intel Xeon with AMX, 2 cores, 1.6B shapes).
+  return bf16_x && amx::use(M, K) ? Kernel::kBf16 : Kernel::kVnni;
 }
 
 // k per int8 block of x: the largest of 128 / 64 / 32 / 16 / 8 / 4 dividing G, at most 32 for int8 weights and for
@@ -147,7 +144,7 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
 
   const bool signed_layout = qweight.scalar_type() == at::kChar;
   const bool vnni_layout = bits == 8 && !signed_layout;
-  const Kernel kernel = choose(static_cast<int>(bits), vnni_layout, signed_layout, x.scalar_type() == at::kBFloat16, M);
+  const Kernel kernel = choose(static_cast<int>(bits), vnni_layout, signed_layout, x.scalar_type() == at::kBFloat16, M, K);
   Panel proto{nullptr, nullptr, nullptr, K, G, static_cast<int>(bits), vnni_layout ? 128 : 0,
               bits == 8 ? 0 : bits == 6 ? 32 : 8};
 
