@@ -46,8 +46,9 @@ class Rows {
 };
 
 // c0 (and c1) [32][16] fp32 = the `rows` (<= 32) tokens at a (row stride lda, 32 rows readable when rows > 16, else
-// 16: Rows) times the vnni panel b0 (and b1, unless null); K % 32 == 0; the worker's Tiles loaded.
+// 16: Rows) times the vnni panel b0 (and b1, unless null); K % 32 == 0; the worker's Tiles loaded. ahead: prefetch
+// b0 / b1 a little in front of their tile loads (a first pass over panels that come from memory).
 void block(int64_t rows, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b0, const c10::BFloat16* b1,
-           int64_t K, float* c0, float* c1);
+           int64_t K, float* c0, float* c1, bool ahead = false);
 
 }  // namespace slf::cpu::amx
