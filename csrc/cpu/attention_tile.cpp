@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/cpu_types.h"
 #include "cpu/vec_math.h"
@@ -178,6 +179,10 @@ template <typename scalar_t>
 void tile_attention_item(bool avx512, int64_t t0, int64_t t1, int64_t kv_head, scalar_t* out, const scalar_t* q,
                          const scalar_t* k_cache, const scalar_t* v_cache, const int32_t* block_table,
                          int64_t q_start, int64_t q_len, int64_t ctx, const TileGeom& g, float* ws) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (amx_attention_takes(g.head_dim))
+      return amx_attention_item(t0, t1, kv_head, out, q, k_cache, v_cache, block_table, q_start, q_len, ctx, g);
+  }
   const int64_t d = g.head_dim, dp = round_up(d, 16), group = g.group, rows = (t1 - t0) * group;
   float* qf = ws;
   float* acc = qf + kTileMaxRows * dp;

@@ -3,6 +3,8 @@
 // register-blocked AVX-512 or AVX2 micro-kernels on fp32 copies of the tile, online softmax between them.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 
 namespace slf::cpu {
@@ -26,5 +28,12 @@ template <typename scalar_t>
 void tile_attention_item(bool avx512, int64_t t0, int64_t t1, int64_t kv_head, scalar_t* out, const scalar_t* q,
                          const scalar_t* k_cache, const scalar_t* v_cache, const int32_t* block_table,
                          int64_t q_start, int64_t q_len, int64_t ctx, const TileGeom& g, float* workspace);
+
+// The same item with AMX tiles (attention_amx.cpp): bf16 caches on AMX CPUs, head size % 32 == 0 (amx_attention_takes;
+// STABLELM_FAST_AMX=0 turns it off).
+bool amx_attention_takes(int64_t head_dim);
+void amx_attention_item(int64_t t0, int64_t t1, int64_t kv_head, c10::BFloat16* out, const c10::BFloat16* q,
+                        const c10::BFloat16* k_cache, const c10::BFloat16* v_cache, const int32_t* block_table,
+                        int64_t q_start, int64_t q_len, int64_t ctx, const TileGeom& g);
 
 }  // namespace slf::cpu
