@@ -16,6 +16,7 @@
 #include "cpu/amx.h"
 #include "cpu/attention_common.h"
 #include "cpu/attention_tile.h"
+#include "cpu/vec_math.h"
 
 #define SLF_AMX_ATT \
   __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
@@ -92,10 +93,25 @@ SLF_AMX_ATT void accumulate(const bf16* pb, const uint32_t* vw, int64_t d, int64
   }
 }
 
-// p[0:32] = bf16(s[0:32]).
-SLF_AMX_ATT void to_bf16_row(const float* s, bf16* p) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + 16)));
+// One online-softmax step of a row over its 32 scores s, the first n (>= 1) attended: scaled, exponentiated against
+// the new maximum, summed into st; p[0:32] = bf16 of them (0 past n). Returns the accumulator's factor.
+SLF_AMX_ATT float softmax_row(SoftmaxState* st, const float* s, int64_t n, float scale, bf16* p) {
+  const __mmask16 m0 = static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1);
+  const __mmask16 m1 = static_cast<__mmask16>(n >= 32 ? 0xffff : n <= 16 ? 0 : (1u << (n - 16)) - 1);
+  const __m512 vs = _mm512_set1_ps(scale);
+  const __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(m0, s), vs);
+  const __m512 b = _mm512_mul_ps(_mm512_maskz_loadu_ps(m1, s + 16), vs);
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  const float bmax =
+      _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(ninf, m0, a), _mm512_mask_mov_ps(ninf, m1, b)));
+  const float alpha = softmax_rescale(st, bmax);
+  const __m512 m = _mm512_set1_ps(st->m);
+  const __m512 ea = _mm512_maskz_mov_ps(m0, exp16(_mm512_sub_ps(a, m)));
+  const __m512 eb = _mm512_maskz_mov_ps(m1, exp16(_mm512_sub_ps(b, m)));
+  st->l += _mm512_reduce_add_ps(_mm512_add_ps(ea, eb));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(ea));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16), (__m256i)_mm512_cvtneps_pbh(eb));
+  return alpha;
 }
 
 }  // namespace
@@ -148,17 +164,13 @@ void amx_attention_item(int64_t t0, int64_t t1, int64_t kv_head, bf16* out, cons
     __asm__ volatile("" ::: "memory");  // the tile loads (asm without memory operands) must see the packed tiles
     scores(qb.data(), d, kw.data(), rb0, n_rb, s.data());
     for (int64_t r = rb0 * 16; r < rows_pad; ++r) {
-      float* sr = s.data() + r * kTileKeys;
+      bf16* pr = pb.data() + r * kTileKeys;
       if (r < r0 || r >= rows) {  // masked here, or padding: P = 0, the accumulator kept
-        std::fill(sr, sr + kTileKeys, 0.f);
+        std::fill(pr, pr + kTileKeys, bf16(0.f));
         if (r < rows) alpha[r] = 1.f;
       } else {
-        const int64_t n = std::min(jn, limit[r] + 1 - j0);
-        for (int64_t j = 0; j < n; ++j) sr[j] *= g.scale;
-        alpha[r] = softmax_tile<true>(&st[r], sr, n);
-        std::fill(sr + n, sr + kTileKeys, 0.f);
+        alpha[r] = softmax_row(&st[r], s.data() + r * kTileKeys, std::min(jn, limit[r] + 1 - j0), g.scale, pr);
       }
-      to_bf16_row(sr, pb.data() + r * kTileKeys);
     }
     __asm__ volatile("" ::: "memory");
     accumulate(pb.data(), vw.data(), d, rb0, n_rb, rows, alpha, acc.data(), dp);

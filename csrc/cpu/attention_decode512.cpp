@@ -112,20 +112,6 @@ SLF_AVX512 inline void store_chunk(Out* dst, const float* acc, __m512 inv, int64
   if (n > 16) store16(dst + 16, _mm512_permutex2var_ps(a, hi, b), (__mmask16)chunk_mask(std::min<int64_t>(n - 16, 16)));
 }
 
-// e^x on 16 lanes: vec_math.h's exp8 (its exp_poly constants), 2^n with vscalefps. x clamped to [-87.3, 88.7].
-SLF_AVX512 inline __m512 exp16(__m512 x) {
-  using namespace exp_poly;
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kMin)), _mm512_set1_ps(kMax));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 y = _mm512_set1_ps(kC[0]);
-  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kC[i]));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r);
-  return _mm512_scalef_ps(_mm512_add_ps(y, _mm512_set1_ps(1.0f)), n);
-}
-
 // (sum of a[0], .., sum of a[15]): pairs of vectors combined within 128-bit lanes (unpack ps, then pd), then
 // across lanes (shuffle_f32x4), 45 instructions for the 16 sums.
 SLF_AVX512 inline __m512 reduce16(const __m512* a) {

@@ -7,7 +7,7 @@
 
 namespace slf::cpu {
 
-// The constants of exp8 (here) and exp16 (attention_decode512.cpp), one polynomial at two vector widths: the clamp
+// The constants of exp8 and exp16 (both here), one polynomial at two vector widths: the clamp
 // range, log2(e), ln 2 in two parts (hi exact in few bits), and e^r - 1 - r as r^2 (c0 r^5 + .. + c5).
 namespace exp_poly {
 constexpr float kMin = -87.3f, kMax = 88.7f, kLog2e = 1.44269504088896341f;
@@ -62,6 +62,21 @@ SLF_AVX2 static inline float exp_sub_sum(float* s, int64_t n, float m) {
 SLF_AVX2 static inline __m256 silu8(__m256 x) {
   const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
   return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+// e^x on 16 lanes: exp8's polynomial (exp_poly), 2^n with vscalefps. x clamped to [-87.3, 88.7]. The decode
+// attention's softmax (attention_decode512.cpp) and the AMX prefill attention's (attention_amx.cpp).
+__attribute__((target("avx512f,avx512dq,avx2,fma,f16c"))) static inline __m512 exp16(__m512 x) {
+  using namespace exp_poly;
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kMin)), _mm512_set1_ps(kMax));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 y = _mm512_set1_ps(kC[0]);
+  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kC[i]));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r);
+  return _mm512_scalef_ps(_mm512_add_ps(y, _mm512_set1_ps(1.0f)), n);
 }
 
 // silu on 16 lanes (two silu8): the AVX-512 epilogues of vnni_gemm.cpp and quant_vnni.cpp.
