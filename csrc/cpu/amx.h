@@ -13,9 +13,12 @@ constexpr int64_t kTileK = 32;   // k per step: an A tile is 16 tokens x 32 bf16
 constexpr int64_t kBlockM = 32;  // tokens per block: two A tiles, two C tiles high
 constexpr int64_t kMinM = 4;     // the AMX GEMMs run above this many tokens (decode streams weights: vnni_gemm.cpp)
 
-// Whether a GEMM of M tokens and K features takes the AMX tiles: an AMX process, M > kMinM, K % 32 == 0, and not
-// STABLELM_FAST_AMX=0 (then vnni_gemm.cpp / vdpbf16ps blocks).
-bool use(int64_t M, int64_t K);
+// Whether this process runs AMX tiles: an AMX CPU (cpu_isa()), unless STABLELM_FAST_AMX=0.
+bool enabled();
+
+// Whether a GEMM of M tokens and K features takes the AMX tiles: enabled(), M > kMinM, K % 32 == 0 (else
+// vnni_gemm.cpp / vdpbf16ps blocks).
+inline bool use(int64_t M, int64_t K) { return M > kMinM && K % kTileK == 0 && enabled(); }
 
 // One worker's tile configuration (every tile 16 rows x 64 bytes): load() before the first block, released when
 // the object goes; a copy starts unloaded (for_each_claimed copies its body once per worker).

@@ -84,12 +84,12 @@ SLF_AMX void tiles(const bf16* a, int64_t lda, const bf16* b0, const bf16* b1, i
 
 }  // namespace
 
-bool use(int64_t M, int64_t K) {
+bool enabled() {
   static const bool off = [] {
     const char* s = std::getenv("STABLELM_FAST_AMX");
     return s != nullptr && std::strcmp(s, "0") == 0;
   }();
-  return !off && cpu_isa() == Isa::kAmx && K % kTileK == 0 && M > kMinM;
+  return !off && cpu_isa() == Isa::kAmx;
 }
 
 namespace {
@@ -132,18 +132,9 @@ constexpr int64_t kChunkM = 256;  // tokens per chunk (x kept in L2 while every 
 
 void run(const bf16* x, int64_t ldx, int64_t M, int64_t K, const bf16* packed, int64_t n_out, bool gate_up,
          const float* bias, bf16* out, int64_t ldo) {
-  const int64_t kh = K / 2, elems = K * kPanel;  // bf16 elements per full panel
-  const int64_t n_full = n_out / kPanel, tail = n_out % kPanel, n_panels = n_full + (tail > 0);
-  const int64_t n_mats = gate_up ? 2 : 1;
-  std::vector<bf16> tail_buf(tail > 0 ? n_mats * elems : 0, bf16(0.f));  // tail panels widened to 16 features
-  for (int64_t m = 0; tail > 0 && m < n_mats; ++m) {
-    const bf16* src = packed + m * n_out * K + n_full * elems;
-    for (int64_t i = 0; i < kh; ++i)
-      std::memcpy(tail_buf.data() + m * elems + i * 2 * kPanel, src + i * 2 * tail, 2 * tail * sizeof(bf16));
-  }
-  auto panel = [&](int64_t m, int64_t p) -> const bf16* {
-    return p < n_full ? packed + m * n_out * K + p * elems : tail_buf.data() + m * elems;
-  };
+  const VnniPanels panels(packed, n_out, K, gate_up);  // the tail panels widened to full ones (B tiles)
+  const int64_t n_panels = panels.n_panels;
+  auto panel = [&](int64_t m, int64_t p) { return reinterpret_cast<const bf16*>(panels.panel(m, p)); };
   const amx::Rows rows_of_x(x, ldx, M, K);
 
   // Feature blocks: a gate_up layer's panel p (gate and up side by side), else panels 2j and 2j + 1. A block's first
@@ -167,13 +158,13 @@ void run(const bf16* x, int64_t ldx, int64_t M, int64_t K, const bf16* packed, i
       amx::block(rows, rows_of_x.at(t0), rows_of_x.ld(t0), b0, b1, K, c[0], c[1], t0 == t_begin);
       bf16* o = out + t0 * ldo;
       if (gate_up) {
-        emit_bf16_rows(c[0], c[1], kPanel, rows, nullptr, p0 < n_full ? kPanel : tail, o + p0 * kPanel, ldo);
+        emit_bf16_rows(c[0], c[1], kPanel, rows, nullptr, panels.width(p0), o + p0 * kPanel, ldo);
       } else {
-        emit_bf16_rows(c[0], nullptr, kPanel, rows, bias ? bias + p0 * kPanel : nullptr,
-                       p0 < n_full ? kPanel : tail, o + p0 * kPanel, ldo);
+        emit_bf16_rows(c[0], nullptr, kPanel, rows, bias ? bias + p0 * kPanel : nullptr, panels.width(p0),
+                       o + p0 * kPanel, ldo);
         if (!one)
-          emit_bf16_rows(c[1], nullptr, kPanel, rows, bias ? bias + p1 * kPanel : nullptr,
-                         p1 < n_full ? kPanel : tail, o + p1 * kPanel, ldo);
+          emit_bf16_rows(c[1], nullptr, kPanel, rows, bias ? bias + p1 * kPanel : nullptr, panels.width(p1),
+                         o + p1 * kPanel, ldo);
       }
     }
   });

@@ -73,9 +73,10 @@ SLF_AMX_ATT void scores(const bf16* qb, int64_t d, const uint32_t* kw, int64_t r
   }
 }
 
-// acc[r][0:d] = acc[r] * alpha[r] + P[r] V for rows r < rows of the blocks from rb0 (pb: [rows_pad][32] bf16).
+// acc[r][0:d] = acc[r] * alpha[r] + P[r] V for rows r < rows of the blocks from rb0 (pb: [rows_pad][32] bf16; acc:
+// [rows][d]).
 SLF_AMX_ATT void accumulate(const bf16* pb, const uint32_t* vw, int64_t d, int64_t rb0, int64_t rb1, int64_t rows,
-                            const float* alpha, float* acc, int64_t dp) {
+                            const float* alpha, float* acc) {
   alignas(64) float c[16 * 16];
   for (int64_t rb = rb0; rb < rb1; ++rb) {
     _tile_loadd(4, pb + rb * 16 * kTileKeys, kTileKeys * static_cast<int64_t>(sizeof(bf16)));
@@ -85,7 +86,7 @@ SLF_AMX_ATT void accumulate(const bf16* pb, const uint32_t* vw, int64_t d, int64
       _tile_dpbf16ps(0, 4, 6);
       _tile_stored(0, c, 64);
       for (int64_t i = 0; i < 16 && rb * 16 + i < rows; ++i) {
-        float* a = acc + (rb * 16 + i) * dp + dc;
+        float* a = acc + (rb * 16 + i) * d + dc;
         _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_loadu_ps(a), _mm512_set1_ps(alpha[rb * 16 + i]),
                                             _mm512_loadu_ps(c + 16 * i)));
       }
@@ -116,12 +117,12 @@ SLF_AMX_ATT float softmax_row(SoftmaxState* st, const float* s, int64_t n, float
 
 }  // namespace
 
-bool amx_attention_takes(int64_t head_dim) { return head_dim % 32 == 0 && amx::use(amx::kMinM + 1, head_dim); }
+bool amx_attention_takes(int64_t head_dim) { return head_dim % 32 == 0 && amx::enabled(); }
 
 void amx_attention_item(int64_t t0, int64_t t1, int64_t kv_head, bf16* out, const bf16* q, const bf16* k_cache,
                         const bf16* v_cache, const int32_t* block_table, int64_t q_start, int64_t q_len, int64_t ctx,
                         const TileGeom& g) {
-  const int64_t d = g.head_dim, dp = d, group = g.group, rows = (t1 - t0) * group;
+  const int64_t d = g.head_dim, group = g.group, rows = (t1 - t0) * group;
   const int64_t rows_pad = (rows + 15) / 16 * 16, n_rb = rows_pad / 16;
   thread_local std::vector<bf16> qb, pb;
   thread_local std::vector<uint32_t> kw, vw;
@@ -131,7 +132,7 @@ void amx_attention_item(int64_t t0, int64_t t1, int64_t kv_head, bf16* out, cons
   kw.resize(d / 2 * kTileKeys);
   vw.resize(kTileKeys / 2 * d);
   s.resize(rows_pad * kTileKeys);
-  acc.assign(rows * dp, 0.f);
+  acc.assign(rows * d, 0.f);
   SoftmaxState st[kTileMaxRows];
   int64_t limit[kTileMaxRows];  // last key row r attends (causal)
   float alpha[kTileMaxRows];
@@ -173,13 +174,13 @@ void amx_attention_item(int64_t t0, int64_t t1, int64_t kv_head, bf16* out, cons
       }
     }
     __asm__ volatile("" ::: "memory");
-    accumulate(pb.data(), vw.data(), d, rb0, n_rb, rows, alpha, acc.data(), dp);
+    accumulate(pb.data(), vw.data(), d, rb0, n_rb, rows, alpha, acc.data());
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = t0 + r / group, h = kv_head * group + r % group;
     bf16* o = out + t * g.out_tok_stride + h * g.out_head_stride;
     const float inv = 1.f / st[r].l;
-    for (int64_t i = 0; i < d; ++i) o[i] = bf16(acc[r * dp + i] * inv);
+    for (int64_t i = 0; i < d; ++i) o[i] = bf16(acc[r * d + i] * inv);
   }
 }
 

@@ -81,4 +81,16 @@ void pack_weight(torch::Tensor& out, const torch::Tensor& w, bool halves) {
   }
 }
 
+VnniPanels::VnniPanels(const c10::BFloat16* packed, int64_t n_out_, int64_t K, bool gate_up)
+    : n_out(n_out_), n_full(n_out_ / kPanel), tail(n_out_ % kPanel), n_panels(n_full + (tail > 0)),
+      base_(reinterpret_cast<const uint32_t*>(packed)), kh_(K / 2), words_(K / 2 * kPanel) {
+  const int64_t n_mats = gate_up ? 2 : 1;
+  tail_.assign(tail > 0 ? n_mats * words_ : 0, 0u);
+  for (int64_t m = 0; tail > 0 && m < n_mats; ++m) {
+    const uint32_t* src = base_ + m * n_out * kh_ + n_full * words_;  // [K/2][tail] words
+    for (int64_t i = 0; i < kh_; ++i)
+      std::memcpy(tail_.data() + m * words_ + i * kPanel, src + i * tail, tail * sizeof(uint32_t));
+  }
+}
+
 }  // namespace slf::cpu

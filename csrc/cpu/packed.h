@@ -15,6 +15,8 @@
 #pragma once
 #include <torch/all.h>
 
+#include <vector>
+
 #include "cpu/isa.h"
 
 namespace slf::cpu {
@@ -38,6 +40,25 @@ void panel_gemm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor&
                 bool gate_up);
 void vnni_gemm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed, const float* bias,
                bool gate_up);
+// The panels of a vnni-packed weight of n_mats matrices (2: gate_up's [Wg; Wu]) of n_out features each, every one a
+// full panel of 32-bit words ([K/2][16]: a pair of bf16 per feature): panel(m, p) points into the weight, except the
+// tail panel of each matrix (n_out % 16 features), which the constructor copies into a buffer widened with zero
+// features (the vnni and AMX kernels work on whole panels).
+class VnniPanels {
+ public:
+  VnniPanels(const c10::BFloat16* packed, int64_t n_out, int64_t K, bool gate_up);
+  const uint32_t* panel(int64_t m, int64_t p) const {
+    return p < n_full ? base_ + m * n_out * kh_ + p * words_ : tail_.data() + m * words_;
+  }
+  int64_t width(int64_t p) const { return p < n_full ? kPanel : tail; }
+  const int64_t n_out, n_full, tail, n_panels;
+
+ private:
+  const uint32_t* base_;
+  int64_t kh_, words_;
+  std::vector<uint32_t> tail_;
+};
+
 // out[t][0:width] (bf16, row stride ldo) for t < rows from fp32 tiles c (and cu: out = silu(c) * cu, both rounded
 // to bf16 first) of row stride ldc, plus bias: the AVX512-BF16 epilogue of vnni_gemm, shared with amx_gemm.
 void emit_bf16_rows(const float* c, const float* cu, int64_t ldc, int64_t rows, const float* bias, int64_t width,

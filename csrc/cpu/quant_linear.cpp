@@ -144,7 +144,8 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweigh
 
   const bool signed_layout = qweight.scalar_type() == at::kChar;
   const bool vnni_layout = bits == 8 && !signed_layout;
-  const Kernel kernel = choose(static_cast<int>(bits), vnni_layout, signed_layout, x.scalar_type() == at::kBFloat16, M, K);
+  const Kernel kernel =
+      choose(static_cast<int>(bits), vnni_layout, signed_layout, x.scalar_type() == at::kBFloat16, M, K);
   Panel proto{nullptr, nullptr, nullptr, K, G, static_cast<int>(bits), vnni_layout ? 128 : 0,
               bits == 8 ? 0 : bits == 6 ? 32 : 8};
 

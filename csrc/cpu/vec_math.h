@@ -1,4 +1,4 @@
-// AVX2 transcendental helpers for the CPU kernels.
+// Transcendental helpers for the CPU kernels (AVX2, and exp16 / silu16 on AVX-512).
 #pragma once
 
 #include <cmath>

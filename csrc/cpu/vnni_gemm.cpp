@@ -105,20 +105,9 @@ SLF_AVX512BF16 inline void emit(const float* c, const float* cu, const float* bi
 
 SLF_AVX512BF16 void run(const bf16* x, int64_t ldx, int64_t M, int64_t K, const bf16* packed, int64_t n_out,
                         bool gate_up, const float* bias, bf16* out, int64_t ldo) {
-  const int64_t kh = K / 2, words = kh * kPanel;  // 32-bit words per full panel
-  const int64_t n_full = n_out / kPanel, tail = n_out % kPanel, n_panels = n_full + (tail > 0);
-  const int64_t n_mats = gate_up ? 2 : 1;
-  const uint32_t* base = reinterpret_cast<const uint32_t*>(packed);
-  // The tail panel [K/2][tail][2] of each matrix, widened to a full one (zero features) for the micro-kernel.
-  std::vector<uint32_t> tail_buf(tail > 0 ? n_mats * words : 0, 0u);
-  for (int64_t m = 0; tail > 0 && m < n_mats; ++m) {
-    const uint32_t* src = base + m * n_out * kh + n_full * words;
-    for (int64_t i = 0; i < kh; ++i)
-      std::memcpy(tail_buf.data() + m * words + i * kPanel, src + i * tail, tail * sizeof(uint32_t));
-  }
-  auto panel = [&](int64_t m, int64_t p) -> const uint32_t* {
-    return p < n_full ? base + m * n_out * kh + p * words : tail_buf.data() + m * words;
-  };
+  const int64_t kh = K / 2, n_mats = gate_up ? 2 : 1;
+  const VnniPanels panels(packed, n_out, K, gate_up);  // the tail panels widened to full ones for the micro-kernel
+  const int64_t n_panels = panels.n_panels;
   // A chunk: per_chunk output panels (gate_up: the same panels of Wg and Wu).
   const int per_chunk = gate_up ? kMaxPanels / 2 : kMaxPanels;
   const bool pf = cpu_isa() == Isa::kAmx;
@@ -129,14 +118,14 @@ SLF_AVX512BF16 void run(const bf16* x, int64_t ldx, int64_t M, int64_t K, const 
     const int64_t p0 = ch * per_chunk;
     const int np_out = static_cast<int>(std::min<int64_t>(per_chunk, n_panels - p0));
     for (int q = 0; q < np_out; ++q)
-      for (int64_t m = 0; m < n_mats; ++m) w[m * np_out + q] = panel(m, p0 + q);
+      for (int64_t m = 0; m < n_mats; ++m) w[m * np_out + q] = panels.panel(m, p0 + q);
     const int np = np_out * static_cast<int>(n_mats);
     for (int64_t t0 = 0; t0 < M; t0 += kTok) {
       const int64_t T = std::min(kTok, M - t0);
       (pf ? micro_for<true>(T, np) : micro_for<false>(T, np))(w, x + t0 * ldx, ldx, kh, c);
       for (int64_t t = 0; t < T; ++t)
         for (int q = 0; q < np_out; ++q) {
-          const int64_t p = p0 + q, width = p < n_full ? kPanel : tail;
+          const int64_t p = p0 + q, width = panels.width(p);
           const float* ct = c + (t * kMaxPanels + q) * kPanel;
           emit(ct, gate_up ? ct + np_out * kPanel : nullptr, bias ? bias + p * kPanel : nullptr, width,
                out + (t0 + t) * ldo + p * kPanel);
